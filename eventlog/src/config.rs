@@ -68,9 +68,51 @@ impl SharedArgs {
         StreamLayout::new(self.namespace.clone(), self.partitions)
     }
 
+    /// The same settings as environment variables, for handing them to child processes.
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("ASR_RABBITMQ_HOST", self.rabbitmq_host.clone()),
+            ("ASR_RABBITMQ_STREAM_PORT", self.rabbitmq_stream_port.to_string()),
+            ("ASR_RABBITMQ_USER", self.rabbitmq_user.clone()),
+            ("ASR_RABBITMQ_PASSWORD", self.rabbitmq_password.clone()),
+            ("ASR_REDIS_URL", self.redis_url.clone()),
+            ("ASR_NAMESPACE", self.namespace.clone()),
+            ("ASR_PARTITIONS", self.partitions.to_string()),
+            ("ASR_RETENTION_HOURS", self.retention_hours.to_string()),
+            ("ASR_RETENTION_MB", self.retention_mb.to_string()),
+            ("ASR_SEGMENT_MB", self.segment_mb.to_string()),
+        ]
+    }
+
     /// Connects to Redis with automatic reconnection.
     pub async fn redis(&self) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
         let client = redis::Client::open(self.redis_url.as_str())?;
         redis::aio::ConnectionManager::new(client).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        shared: SharedArgs,
+    }
+
+    /// Every variable `to_env` hands a child is the env fallback of the flag with the
+    /// same name, so parsing the pairs as flags must give back the same settings.
+    #[test]
+    fn env_round_trips_through_the_flags() {
+        let original = Cli::parse_from(["x", "--namespace=n1", "--partitions=3", "--redis-url=redis://h/2"]).shared;
+        let as_flags: Vec<String> = std::iter::once("x".to_string())
+            .chain(original.to_env().into_iter().map(|(k, v)| {
+                let flag = k.trim_start_matches("ASR_").to_lowercase().replace('_', "-");
+                format!("--{flag}={v}")
+            }))
+            .collect();
+        assert_eq!(Cli::parse_from(as_flags).shared, original);
     }
 }
