@@ -1,5 +1,22 @@
 //! The orchestrator (worker manager): its gRPC API, the worker registry in Redis,
-//! allocation of sessions to workers with idle capacity, and heartbeats.
+//! allocation of sessions to workers with idle capacity, heartbeats and the handling
+//! of lost workers.
+//!
+//! - [`allocator`]: the allocation and wait-queue rules, pure;
+//! - [`registry`]: workers, sessions, queues and epochs in Redis;
+//! - [`service`]: the `WorkerManager` gRPC service;
+//! - [`server`]: start-up, the ops endpoints and the heartbeat monitor ([`run`]);
+//! - [`config`]: the command-line flags ([`OrchestratorArgs`]).
+
+pub mod allocator;
+pub mod config;
+pub mod registry;
+pub mod server;
+pub mod service;
+mod telemetry;
+
+pub use config::OrchestratorArgs;
+pub use server::{Orchestrator, run};
 
 /// The generated gRPC API (`proto/worker_manager.proto`), client and server.
 pub mod api {

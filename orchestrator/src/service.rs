@@ -1,0 +1,637 @@
+//! The `WorkerManager` gRPC service: allocation, registration, heartbeats, release,
+//! and the handling of lost workers.
+//!
+//! Every decision that gives or takes a slot runs inside one critical section (the
+//! `connections` lock), reading the registry, deciding with [`crate::allocator`] and
+//! writing the outcome back, so a slot is never given twice. Each decision is appended
+//! to the control stream *before* it is committed to Redis: an append that fails
+//! leaves the session waiting (to be retried with a fresh epoch), so the log never
+//! misses an assignment that took effect.
+//!
+//! A connected worker's `RegisterWorker` stream is fed from an mpsc channel held in
+//! `connections`. When tonic drops that stream (the worker's socket closed) a guard
+//! reports it and the worker is marked lost; a worker that goes silent with its socket
+//! open is caught by [`WorkerManagerService::expire_silent_workers`].
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use eventlog::events::SessionLoad;
+use eventlog::log::{Appender, LogError};
+use eventlog::{AudioFormat, Envelope, Event, SessionId, now_ms};
+use futures::Stream;
+use thiserror::Error;
+use tokio::sync::{Mutex, mpsc};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::allocator::{self, WorkerLoad};
+use crate::api::worker_manager_server::WorkerManager;
+use crate::api::{
+    self, AllocateWorkerRequest, AllocateWorkerResponse, Allocation, Queued, RegisterWorkerRequest,
+    ReleaseWorkerRequest, ReleaseWorkerResponse, SendHeartbeatRequest, SendHeartbeatResponse,
+    WorkerCommand, allocate_worker_response, worker_command,
+};
+use crate::registry::{
+    Registry, RegistryError, SessionRecord, SessionState, WorkerRecord, encoding_name,
+    parse_encoding,
+};
+use crate::telemetry;
+
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::Registry(RegistryError::Corrupt { .. }) => {
+                Status::internal(e.to_string())
+            }
+            _ => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+/// Where the service appends, and who it says it is.
+pub struct Appenders {
+    /// `{prefix}.control`: registrations, allocations, queueing, releases, losses.
+    pub control: Appender,
+    /// `{prefix}.heartbeats`: the workers' load reports.
+    pub heartbeats: Appender,
+    /// The envelope producer, `orchestrator.{incarnation}`.
+    pub producer: String,
+}
+
+type CommandSender = mpsc::UnboundedSender<Result<WorkerCommand, Status>>;
+
+/// A worker's open `RegisterWorker` stream. The id tells a stream apart from a later
+/// one of the same worker, whose registration must survive the old stream's close.
+struct Connection {
+    id: u64,
+    commands: CommandSender,
+}
+
+type Connections = HashMap<String, Connection>;
+
+/// The gRPC service. Cheap to clone.
+#[derive(Clone)]
+pub struct WorkerManagerService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    appenders: Appenders,
+    heartbeat_timeout: Duration,
+    /// The allocation critical section, and the push channels of connected workers.
+    connections: Mutex<Connections>,
+    next_connection: AtomicU64,
+}
+
+impl WorkerManagerService {
+    pub fn new(registry: Registry, appenders: Appenders, heartbeat_timeout: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                appenders,
+                heartbeat_timeout,
+                connections: Mutex::new(HashMap::new()),
+                next_connection: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Marks lost every worker whose last heartbeat is older than the timeout, revoking
+    /// its sessions if its stream is still open, and reassigns them.
+    pub async fn expire_silent_workers(&self) -> Result<(), ServiceError> {
+        let inner = &self.inner;
+        let timeout_ms = inner.heartbeat_timeout.as_millis() as u64;
+        for worker in inner.registry.workers().await? {
+            if now_ms().saturating_sub(worker.last_heartbeat_ms) <= timeout_ms {
+                continue;
+            }
+            let mut connections = inner.connections.lock().await;
+            // Re-read under the lock: a heartbeat may have arrived meanwhile.
+            let Some(current) = inner.registry.worker(&worker.id).await? else {
+                continue;
+            };
+            let silent_ms = now_ms().saturating_sub(current.last_heartbeat_ms);
+            if silent_ms <= timeout_ms {
+                continue;
+            }
+            let reason = format!("no heartbeat for {silent_ms} ms");
+            inner.lose(&mut connections, current, &reason).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends every worker stream without marking anyone lost, so a graceful shutdown
+    /// does not wait on streams that never finish. The workers re-register elsewhere.
+    pub async fn disconnect_all(&self) {
+        self.inner.connections.lock().await.clear();
+    }
+}
+
+/// A validated AllocateWorker request.
+fn new_session(request: AllocateWorkerRequest) -> Result<SessionRecord, Status> {
+    let id = Uuid::parse_str(&request.session_id)
+        .map_err(|e| Status::invalid_argument(format!("session_id is not a UUID: {e}")))?;
+    if request.model_name.is_empty() {
+        return Err(Status::invalid_argument("model_name is empty"));
+    }
+    let encoding = parse_encoding(&request.encoding).ok_or_else(|| {
+        Status::invalid_argument(format!("unknown encoding {:?}", request.encoding))
+    })?;
+    if request.sample_rate == 0 {
+        return Err(Status::invalid_argument("sample_rate is 0"));
+    }
+    Ok(SessionRecord {
+        id,
+        tenant: request.tenant,
+        model: request.model_name,
+        opened_at_ms: request.opened_at_ms,
+        format: AudioFormat {
+            sample_rate: request.sample_rate,
+            encoding,
+        },
+        requested_at_ms: now_ms(),
+        epoch: 0,
+        worker: None,
+        state: SessionState::Waiting,
+    })
+}
+
+fn parse_session(id: &str) -> Result<SessionId, Status> {
+    Uuid::parse_str(id).map_err(|e| Status::invalid_argument(format!("bad session id: {e}")))
+}
+
+fn allocated(worker: String, epoch: u64) -> AllocateWorkerResponse {
+    AllocateWorkerResponse {
+        outcome: Some(allocate_worker_response::Outcome::Allocated(Allocation {
+            worker_id: worker,
+            epoch,
+        })),
+    }
+}
+
+fn queued(position: u32, model: &str) -> AllocateWorkerResponse {
+    AllocateWorkerResponse {
+        outcome: Some(allocate_worker_response::Outcome::Queued(Queued {
+            position,
+            reason: format!("no worker of model {model} has a free slot"),
+        })),
+    }
+}
+
+impl Inner {
+    async fn append_control(
+        &self,
+        session: Option<SessionId>,
+        event: Event,
+    ) -> Result<(), LogError> {
+        let envelope = Envelope {
+            session,
+            at_ms: now_ms(),
+            producer: self.appenders.producer.clone(),
+            event,
+        };
+        self.appenders.control.append_confirmed(&envelope).await?;
+        Ok(())
+    }
+
+    /// What AllocateWorker answers for a session it already knows.
+    async fn describe(
+        &self,
+        session: SessionRecord,
+    ) -> Result<AllocateWorkerResponse, ServiceError> {
+        match (session.state, session.worker) {
+            (SessionState::Assigned | SessionState::Done, Some(worker)) => {
+                Ok(allocated(worker, session.epoch))
+            }
+            _ => {
+                let position = self
+                    .registry
+                    .queue_position(&session.model, session.id)
+                    .await?
+                    .unwrap_or(0);
+                Ok(queued(position, &session.model))
+            }
+        }
+    }
+
+    async fn allocate(
+        &self,
+        session: SessionRecord,
+    ) -> Result<AllocateWorkerResponse, ServiceError> {
+        let connections = self.connections.lock().await;
+        if let Some(known) = self.registry.session(session.id).await? {
+            return self.describe(known).await;
+        }
+        // Queue first, then serve the queue: a newcomer never overtakes an older
+        // waiting session, and a failure below leaves it safely waiting.
+        self.registry.enqueue_new_session(&session).await?;
+        let assigned = self.serve_queue(&connections, &session.model).await?;
+        if let Some((_, worker, epoch)) = assigned.into_iter().find(|(s, ..)| *s == session.id) {
+            return Ok(allocated(worker, epoch));
+        }
+        let position = self
+            .registry
+            .queue_position(&session.model, session.id)
+            .await?
+            .unwrap_or(0);
+        self.append_control(
+            Some(session.id),
+            Event::SessionQueued {
+                model: session.model.clone(),
+                position,
+            },
+        )
+        .await?;
+        info!(session = %session.id, model = %session.model, position, "session queued");
+        Ok(queued(position, &session.model))
+    }
+
+    /// Assigns a model's oldest waiting sessions to its connected workers' free slots.
+    /// Returns the assignments made: (session, worker, epoch).
+    async fn serve_queue(
+        &self,
+        connections: &Connections,
+        model: &str,
+    ) -> Result<Vec<(SessionId, String, u64)>, ServiceError> {
+        // Only connected workers can be told about an assignment.
+        let mut loads: HashMap<String, WorkerLoad> = self
+            .registry
+            .workers_of(model)
+            .await?
+            .iter()
+            .filter(|w| connections.contains_key(&w.id))
+            .map(|w| (w.id.clone(), w.load()))
+            .collect();
+        let free: u32 = loads.values().map(WorkerLoad::free_slots).sum();
+        let waiting = self.registry.waiting(model, free as usize).await?;
+        let plan = allocator::plan(&waiting, loads.values().cloned().collect());
+        let mut assigned = Vec::with_capacity(plan.len());
+        for (session_id, worker) in plan {
+            let session =
+                self.registry
+                    .session(session_id)
+                    .await?
+                    .ok_or_else(|| RegistryError::Corrupt {
+                        key: format!("queue of {model}"),
+                        message: format!("waiting session {session_id} has no record"),
+                    })?;
+            let load = loads
+                .get_mut(&worker)
+                .expect("the plan only names given workers");
+            load.assigned += 1;
+            let epoch = self.assign(connections, &session, load).await?;
+            assigned.push((session_id, worker, epoch));
+        }
+        Ok(assigned)
+    }
+
+    /// Gives a waiting session to a worker under a fresh epoch and tells the worker.
+    /// `load` is the worker's load including this session.
+    async fn assign(
+        &self,
+        connections: &Connections,
+        session: &SessionRecord,
+        load: &WorkerLoad,
+    ) -> Result<u64, ServiceError> {
+        let worker = &load.worker;
+        let epoch = self.registry.next_epoch(session.id).await?;
+        self.append_control(
+            Some(session.id),
+            Event::WorkerAllocated {
+                worker: worker.clone(),
+                model: session.model.clone(),
+                epoch,
+            },
+        )
+        .await?;
+        self.registry
+            .commit_assignment(session, worker, epoch, load.state())
+            .await?;
+        let waited_ms = now_ms().saturating_sub(session.requested_at_ms);
+        telemetry::allocation(waited_ms);
+        info!(session = %session.id, worker = %worker, epoch, waited_ms, "session assigned");
+        let assign = api::Assign {
+            session_id: session.id.to_string(),
+            model_name: session.model.clone(),
+            tenant: session.tenant.clone(),
+            epoch,
+            opened_at_ms: session.opened_at_ms,
+            sample_rate: session.format.sample_rate,
+            encoding: encoding_name(session.format.encoding).to_string(),
+        };
+        // A failed send means the stream is closing; its close marks the worker lost
+        // and puts this session back in the queue.
+        if let Some(connection) = connections.get(worker) {
+            let _ = connection.commands.send(Ok(WorkerCommand {
+                command: Some(worker_command::Command::Assign(assign)),
+            }));
+        }
+        Ok(epoch)
+    }
+
+    /// Marks a worker lost: logs it, removes it, puts its unfinished sessions back at
+    /// the head of the queue, revokes them on its stream if that is still open, and
+    /// reassigns them where slots are free.
+    async fn lose(
+        &self,
+        connections: &mut Connections,
+        worker: WorkerRecord,
+        reason: &str,
+    ) -> Result<(), ServiceError> {
+        let mut unfinished = Vec::new();
+        for &id in &worker.sessions {
+            if let Some(session) = self.registry.session(id).await?
+                && session.state == SessionState::Assigned
+                && session.worker.as_deref() == Some(worker.id.as_str())
+            {
+                unfinished.push(session);
+            }
+        }
+        self.append_control(
+            None,
+            Event::WorkerLost {
+                worker: worker.id.clone(),
+                reason: reason.to_string(),
+            },
+        )
+        .await?;
+        let order = allocator::head_push_order(
+            unfinished
+                .iter()
+                .map(|s| (s.id, s.requested_at_ms))
+                .collect(),
+        );
+        self.registry.remove_worker(&worker, &order).await?;
+        telemetry::worker_lost();
+        warn!(worker = %worker.id, reason, sessions = unfinished.len(), "worker lost");
+        // Dropping the connection after the revokes ends the stream once they are sent.
+        if let Some(connection) = connections.remove(&worker.id) {
+            for session in &unfinished {
+                let _ = connection.commands.send(Ok(WorkerCommand {
+                    command: Some(worker_command::Command::Revoke(api::Revoke {
+                        session_id: session.id.to_string(),
+                        epoch: session.epoch,
+                    })),
+                }));
+            }
+        }
+        self.serve_queue(connections, &worker.model).await?;
+        Ok(())
+    }
+
+    async fn register(
+        self: &Arc<Self>,
+        request: RegisterWorkerRequest,
+    ) -> Result<WorkerStream, ServiceError> {
+        let mut connections = self.connections.lock().await;
+        if let Some(previous) = self.registry.worker(&request.worker_id).await? {
+            // The same id again: the earlier process is gone (or about to be), and
+            // whatever it held must move, with a new epoch.
+            self.lose(&mut connections, previous, "re-registered")
+                .await?;
+        }
+        connections.remove(&request.worker_id);
+        // proto3 has no "unset": a capacity of 0 means the default, one session.
+        let capacity = request.capacity.max(1);
+        self.append_control(
+            None,
+            Event::WorkerRegistered {
+                worker: request.worker_id.clone(),
+                model: request.model_name.clone(),
+                capacity,
+            },
+        )
+        .await?;
+        let now = now_ms();
+        let record = WorkerRecord {
+            id: request.worker_id.clone(),
+            model: request.model_name.clone(),
+            capacity,
+            metrics_addr: request.metrics_addr,
+            registered_at_ms: now,
+            last_heartbeat_ms: now,
+            sessions: Vec::new(),
+        };
+        self.registry.put_worker(&record).await?;
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        connections.insert(record.id.clone(), Connection { id, commands });
+        info!(worker = %record.id, model = %record.model, capacity, "worker registered");
+        let stream = WorkerStream {
+            commands: UnboundedReceiverStream::new(receiver),
+            _guard: CloseGuard {
+                inner: Arc::downgrade(self),
+                worker: record.id.clone(),
+                connection: id,
+            },
+        };
+        self.serve_queue(&connections, &record.model).await?;
+        Ok(stream)
+    }
+
+    /// A worker's stream was dropped by tonic: unless a newer registration replaced it
+    /// (or the worker was already marked lost), the worker is lost.
+    async fn stream_closed(&self, worker: &str, connection: u64) {
+        let mut connections = self.connections.lock().await;
+        if connections.get(worker).map(|c| c.id) != Some(connection) {
+            return;
+        }
+        let result = match self.registry.worker(worker).await {
+            Ok(Some(record)) => {
+                self.lose(&mut connections, record, "registration stream closed")
+                    .await
+            }
+            Ok(None) => {
+                connections.remove(worker);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = result {
+            // The heartbeat monitor retries: this worker sends no more heartbeats.
+            warn!(worker, error = %e, "could not mark a disconnected worker lost");
+        }
+    }
+
+    async fn heartbeat(&self, request: SendHeartbeatRequest) -> Result<bool, Status> {
+        let sessions = request
+            .sessions
+            .iter()
+            .map(|s| {
+                Ok(SessionLoad {
+                    session: parse_session(&s.session_id)?,
+                    epoch: s.epoch,
+                    decoded_ms: s.decoded_ms,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let now = now_ms();
+        let known = self
+            .registry
+            .touch_worker(&request.worker_id, now)
+            .await
+            .map_err(ServiceError::from)?;
+        if known {
+            let envelope = Envelope {
+                session: None,
+                at_ms: now,
+                producer: self.appenders.producer.clone(),
+                event: Event::Heartbeat {
+                    worker: request.worker_id,
+                    model: request.model_name,
+                    capacity: request.capacity,
+                    sessions,
+                },
+            };
+            self.appenders
+                .heartbeats
+                .append_confirmed(&envelope)
+                .await
+                .map_err(ServiceError::from)?;
+        }
+        Ok(known)
+    }
+
+    async fn release(
+        &self,
+        worker: &str,
+        session: SessionId,
+        epoch: u64,
+    ) -> Result<bool, ServiceError> {
+        let connections = self.connections.lock().await;
+        let Some(record) = self.registry.session(session).await? else {
+            return Ok(false);
+        };
+        let current = record.worker.as_deref() == Some(worker) && record.epoch == epoch;
+        match record.state {
+            SessionState::Assigned if current => {}
+            // A retry of a release that went through.
+            SessionState::Done if current => return Ok(true),
+            _ => {
+                info!(%session, worker, epoch, current_epoch = record.epoch,
+                    "stale release refused");
+                return Ok(false);
+            }
+        }
+        let Some(holder) = self.registry.worker(worker).await? else {
+            return Ok(false);
+        };
+        self.append_control(
+            Some(session),
+            Event::WorkerReleased {
+                worker: worker.to_string(),
+                epoch,
+            },
+        )
+        .await?;
+        let mut load = holder.load();
+        load.assigned = load.assigned.saturating_sub(1);
+        self.registry
+            .commit_release(session, worker, load.state())
+            .await?;
+        info!(%session, worker, epoch, "session released");
+        self.serve_queue(&connections, &record.model).await?;
+        Ok(true)
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerManager for WorkerManagerService {
+    async fn allocate_worker(
+        &self,
+        request: Request<AllocateWorkerRequest>,
+    ) -> Result<Response<AllocateWorkerResponse>, Status> {
+        let session = new_session(request.into_inner())?;
+        Ok(Response::new(self.inner.allocate(session).await?))
+    }
+
+    type RegisterWorkerStream = WorkerStream;
+
+    async fn register_worker(
+        &self,
+        request: Request<RegisterWorkerRequest>,
+    ) -> Result<Response<WorkerStream>, Status> {
+        let request = request.into_inner();
+        if request.worker_id.is_empty() || request.model_name.is_empty() {
+            return Err(Status::invalid_argument(
+                "worker_id and model_name are required",
+            ));
+        }
+        Ok(Response::new(self.inner.register(request).await?))
+    }
+
+    async fn send_heartbeat(
+        &self,
+        request: Request<SendHeartbeatRequest>,
+    ) -> Result<Response<SendHeartbeatResponse>, Status> {
+        let known = self.inner.heartbeat(request.into_inner()).await?;
+        Ok(Response::new(SendHeartbeatResponse { known }))
+    }
+
+    async fn release_worker(
+        &self,
+        request: Request<ReleaseWorkerRequest>,
+    ) -> Result<Response<ReleaseWorkerResponse>, Status> {
+        let request = request.into_inner();
+        let session = parse_session(&request.session_id)?;
+        let released = self
+            .inner
+            .release(&request.worker_id, session, request.epoch)
+            .await?;
+        Ok(Response::new(ReleaseWorkerResponse { released }))
+    }
+}
+
+/// The command stream of one registered worker.
+pub struct WorkerStream {
+    commands: UnboundedReceiverStream<Result<WorkerCommand, Status>>,
+    _guard: CloseGuard,
+}
+
+impl Stream for WorkerStream {
+    type Item = Result<WorkerCommand, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.commands).poll_next(cx)
+    }
+}
+
+/// Reports the stream's end (tonic drops it when the worker's connection goes away).
+struct CloseGuard {
+    inner: Weak<Inner>,
+    worker: String,
+    connection: u64,
+}
+
+impl Drop for CloseGuard {
+    fn drop(&mut self) {
+        let (Some(inner), Ok(runtime)) =
+            (self.inner.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let worker = std::mem::take(&mut self.worker);
+        let connection = self.connection;
+        runtime.spawn(async move { inner.stream_closed(&worker, connection).await });
+    }
+}
