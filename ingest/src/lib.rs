@@ -1,1 +1,44 @@
-//! placeholder
+//! The ingest node: a WebSocket gateway between live audio clients and the event log.
+//!
+//! A client opens a session, streams audio frames and gets each one acknowledged once
+//! the broker confirmed it; partial and final transcripts stream back as the assigned
+//! recognizer appends them. The node keeps no session state beyond its connections:
+//! everything a session is lives in the log. The wire protocol is docs/protocol.md.
+//!
+//! - [`protocol`]: client and server messages, frame parsing, error codes (pure);
+//! - [`session`]: one connection's state machine (pure);
+//! - [`connection`]: drives a session from its socket, the broker and its results;
+//! - [`outbox`]: the bounded sending queue and the slow-reader policy;
+//! - [`appenders`]: the node's shared audio producers, one per partition;
+//! - [`server`]: the axum router, readiness, and serving until shutdown;
+//! - [`config`]: the flags, [`IngestArgs`];
+//! - [`metrics`]: metric names.
+
+pub mod appenders;
+pub mod config;
+pub mod connection;
+pub mod metrics;
+pub mod outbox;
+pub mod protocol;
+pub mod server;
+pub mod session;
+
+use std::future::Future;
+
+use anyhow::Context;
+
+pub use config::IngestArgs;
+pub use server::{ServeError, serve};
+
+/// Runs an ingest node on `args.listen` until `shutdown` resolves (`asr ingest`).
+pub async fn run(
+    args: IngestArgs,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    serve(listener, args, shutdown)
+        .await
+        .context("ingest node stopped")
+}

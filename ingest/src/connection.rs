@@ -1,0 +1,404 @@
+//! One WebSocket connection: feeds the [`Session`] state machine from the socket, the
+//! broker's confirmations, the session's results and the clocks, and carries out the
+//! actions it answers with.
+//!
+//! Acknowledgements come only from `PendingAppend::confirmed`, polled in append order
+//! (a `FuturesOrdered`), so acks leave in sequence order and a chunk whose confirmation
+//! failed or never came is never acknowledged: the session fails instead.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, WebSocket};
+use eventlog::log::{LogError, PendingAppend, ReadFrom};
+use eventlog::{Envelope, Event, SessionId};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, SplitStream};
+use futures::{FutureExt, StreamExt};
+use orchestrator::api::{AllocateWorkerRequest, allocate_worker_response::Outcome};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::appenders::Lease;
+use crate::metrics;
+use crate::outbox::Outbox;
+use crate::protocol::{self, SessionError};
+use crate::server::Node;
+use crate::session::{Action, Allocation, Appended, Session};
+
+/// How long the broker may take to confirm an append before the log counts as
+/// unavailable.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long AllocateWorker may take.
+const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Results read from a little before SessionOpened, in case the broker's chunk
+/// timestamps and this node's clock disagree.
+const RESULTS_LOOKBACK_MS: u64 = 5_000;
+/// After sending a close frame, how long to read (and discard) the client's remaining
+/// frames while waiting for its close: closing a socket with unread input makes the
+/// kernel reset it, and the client could lose the error message.
+const CLOSE_DRAIN: Duration = Duration::from_secs(2);
+
+type Confirm = BoxFuture<'static, (Appended, Instant, Result<(), LogError>)>;
+type ResultItem = Result<Envelope, LogError>;
+
+/// Serves one upgraded socket to its end. `permit` is `None` when the node is full.
+pub async fn serve(node: Arc<Node>, socket: WebSocket, permit: Option<OwnedSemaphorePermit>) {
+    let (sink, mut stream) = socket.split();
+    let outbox = Outbox::spawn(sink);
+    let error = match permit {
+        None => Some(SessionError::TooManyConnections(node.max_connections)),
+        Some(_permit) => {
+            let mut connection = Connection::new(node.clone(), &outbox);
+            let end = connection.run(&mut stream).await;
+            connection.finish();
+            match end {
+                End::Closed(error) => error,
+                End::Disconnected => return,
+            }
+        }
+    };
+    if let Some(e) = &error {
+        metrics::error(e);
+        tracing::info!(code = e.code(), error = %e, "closing connection");
+    }
+    outbox.close(error.as_ref()).await;
+    let _ = tokio::time::timeout(CLOSE_DRAIN, async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+enum End {
+    /// The session produced a close (normal with `None`).
+    Closed(Option<SessionError>),
+    /// The client went away; there is no one to tell anything.
+    Disconnected,
+}
+
+struct Connection<'a> {
+    node: Arc<Node>,
+    outbox: &'a Outbox,
+    session: Session,
+    lease: Option<Lease>,
+    confirms: FuturesOrdered<Confirm>,
+    results: Option<mpsc::Receiver<ResultItem>>,
+    results_task: Option<JoinHandle<()>>,
+    opened: bool,
+}
+
+impl<'a> Connection<'a> {
+    fn new(node: Arc<Node>, outbox: &'a Outbox) -> Self {
+        let session = Session::new(node.session_config.clone(), Uuid::new_v4());
+        Self {
+            node,
+            outbox,
+            session,
+            lease: None,
+            confirms: FuturesOrdered::new(),
+            results: None,
+            results_task: None,
+            opened: false,
+        }
+    }
+
+    async fn run(&mut self, stream: &mut SplitStream<WebSocket>) -> End {
+        let mut shutdown = self.node.shutdown.clone();
+        let mut ping = tokio::time::interval(self.node.ping_interval);
+        ping.reset(); // the first tick would fire at once
+        let idle_timeout = self.node.idle_timeout;
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
+        loop {
+            let received = Instant::now();
+            let (actions, result_at_ms) = tokio::select! {
+                () = stopping(&mut shutdown) => {
+                    (self.session.fail(SessionError::ShuttingDown), None)
+                }
+                Some((appended, received, outcome)) = self.confirms.next() => {
+                    (self.on_confirm(appended, received, outcome).await, None)
+                }
+                frame = stream.next() => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                    match frame {
+                        Some(Ok(Message::Text(text))) => (self.session.on_text(&text), None),
+                        Some(Ok(Message::Binary(bytes))) => (self.session.on_binary(bytes), None),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => (Vec::new(), None),
+                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                            return End::Disconnected;
+                        }
+                    }
+                }
+                item = recv_result(&mut self.results) => match item {
+                    Some(Ok(envelope)) => (self.session.on_result(&envelope.event), Some(envelope.at_ms)),
+                    Some(Err(e)) => (self.session.fail(read_failure(e)), None),
+                    None => (
+                        self.session.fail(SessionError::BrokerUnavailable("results stream closed".into())),
+                        None,
+                    ),
+                },
+                _ = ping.tick() => {
+                    self.outbox.ping();
+                    (Vec::new(), None)
+                }
+                _ = &mut idle => {
+                    (self.session.fail(SessionError::IdleTimeout(idle_timeout.as_secs())), None)
+                }
+            };
+            if let Some(error) = self.perform(actions, received, result_at_ms).await {
+                return End::Closed(error);
+            }
+        }
+    }
+
+    /// Carries out actions (and the actions they lead to) until the queue is empty or
+    /// the session closes; returns the close.
+    async fn perform(
+        &mut self,
+        actions: Vec<Action>,
+        received: Instant,
+        result_at_ms: Option<u64>,
+    ) -> Option<Option<SessionError>> {
+        let mut queue = VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
+            let next = match action {
+                Action::Open {
+                    session,
+                    tenant,
+                    model,
+                    format,
+                } => self.open(session, tenant, model, format).await,
+                Action::AppendChunk(chunk) => {
+                    self.append(
+                        Appended::Chunk(chunk.seq),
+                        Event::AudioChunk(chunk),
+                        received,
+                    )
+                    .await
+                }
+                Action::AppendEnd { last_seq } => {
+                    self.append(Appended::End, Event::EndOfStream { last_seq }, received)
+                        .await
+                }
+                Action::Send(message) => match self.outbox.send(&message, result_at_ms) {
+                    Ok(()) => Vec::new(),
+                    Err(_) => self.session.fail(SessionError::ClientTooSlow),
+                },
+                Action::Close(error) => return Some(error),
+            };
+            queue.extend(next);
+        }
+        None
+    }
+
+    /// Appends SessionOpened, waits for it, starts following the results and asks the
+    /// orchestrator for a worker.
+    async fn open(
+        &mut self,
+        session: SessionId,
+        tenant: String,
+        model: String,
+        format: eventlog::AudioFormat,
+    ) -> Vec<Action> {
+        let node = self.node.clone();
+        let lease = match node.appenders.get(node.layout.partition_of(session)).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                return self
+                    .session
+                    .fail(SessionError::BrokerUnavailable(e.to_string()));
+            }
+        };
+        let opened = Envelope {
+            session: Some(session),
+            at_ms: eventlog::now_ms(),
+            producer: node.node_id.clone(),
+            event: Event::SessionOpened {
+                tenant: tenant.clone(),
+                model: model.clone(),
+                format,
+            },
+        };
+        self.lease = Some(lease.clone());
+        let appended = match lease.appender.append(&opened).await {
+            Ok(pending) => confirmed(lease.appender.stream(), pending).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = appended {
+            return self.broker_failed(e).await;
+        }
+        self.opened = true;
+        metrics::session_opened();
+        tracing::info!(%session, %model, "session opened");
+        self.follow_results(session, opened.at_ms);
+
+        let mut actions = self.session.on_opened();
+        let request = AllocateWorkerRequest {
+            session_id: session.to_string(),
+            model_name: model,
+            tenant,
+            opened_at_ms: opened.at_ms,
+            sample_rate: format.sample_rate,
+            encoding: protocol::encoding_name(format.encoding).into(),
+        };
+        let mut client = node.orchestrator.clone();
+        let answer = tokio::time::timeout(ALLOCATE_TIMEOUT, client.allocate_worker(request)).await;
+        let allocation = match answer {
+            Ok(Ok(response)) => match response.into_inner().outcome {
+                Some(Outcome::Allocated(_)) => Ok(Allocation::Allocated),
+                Some(Outcome::Queued(q)) => Ok(Allocation::Queued {
+                    position: q.position,
+                }),
+                None => Err("AllocateWorker answered without an outcome".to_string()),
+            },
+            Ok(Err(status)) => Err(status.to_string()),
+            Err(_) => Err(format!("AllocateWorker took over {ALLOCATE_TIMEOUT:?}")),
+        };
+        match allocation {
+            Ok(allocation) => actions.extend(self.session.on_allocation(allocation)),
+            Err(e) => {
+                // No worker will ever be asked for this session: say so in the log,
+                // so that readers do not wait for it.
+                let closed = Envelope {
+                    session: Some(session),
+                    at_ms: eventlog::now_ms(),
+                    producer: node.node_id.clone(),
+                    event: Event::SessionClosed {
+                        reason: "orchestrator_unavailable".into(),
+                    },
+                };
+                if let Ok(pending) = lease.appender.append(&closed).await {
+                    let _ = confirmed(lease.appender.stream(), pending).await;
+                }
+                actions.extend(self.session.fail(SessionError::OrchestratorUnavailable(e)));
+            }
+        }
+        actions
+    }
+
+    /// Spawns the task that tails the session's results into `self.results`.
+    fn follow_results(&mut self, session: SessionId, opened_at_ms: u64) {
+        let (tx, rx) = mpsc::channel(256);
+        let log = self.node.log.clone();
+        let stream = self.node.layout.results_stream(session);
+        let from = ReadFrom::Timestamp(opened_at_ms.saturating_sub(RESULTS_LOOKBACK_MS));
+        self.results = Some(rx);
+        self.results_task = Some(tokio::spawn(async move {
+            let mut reader = match log.reader(&stream, from, Some(session)).await {
+                Ok(reader) => reader,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            while let Some(item) = reader.next().await {
+                let failed = item.is_err();
+                if tx.send(item.map(|r| r.envelope)).await.is_err() || failed {
+                    break;
+                }
+            }
+            reader.close().await;
+        }));
+    }
+
+    /// Hands an event to the broker and queues its confirmation.
+    async fn append(&mut self, appended: Appended, event: Event, received: Instant) -> Vec<Action> {
+        let lease = self
+            .lease
+            .clone()
+            .expect("appends follow a successful open");
+        let envelope = Envelope {
+            session: Some(self.session.id()),
+            at_ms: eventlog::now_ms(),
+            producer: self.node.node_id.clone(),
+            event,
+        };
+        match lease.appender.append(&envelope).await {
+            Ok(pending) => {
+                let stream = lease.appender.stream().to_string();
+                self.confirms.push_back(
+                    async move { (appended, received, confirmed(&stream, pending).await) }.boxed(),
+                );
+                Vec::new()
+            }
+            Err(e) => self.broker_failed(e).await,
+        }
+    }
+
+    async fn on_confirm(
+        &mut self,
+        appended: Appended,
+        received: Instant,
+        outcome: Result<(), LogError>,
+    ) -> Vec<Action> {
+        match outcome {
+            Ok(()) => {
+                if let Appended::Chunk(_) = appended {
+                    metrics::chunk_confirmed(received.elapsed());
+                }
+                self.session.on_confirmed(appended)
+            }
+            Err(e) => self.broker_failed(e).await,
+        }
+    }
+
+    async fn broker_failed(&mut self, error: LogError) -> Vec<Action> {
+        tracing::warn!(session = %self.session.id(), %error, "append failed");
+        if let Some(lease) = &self.lease {
+            self.node.appenders.discard(lease).await;
+        }
+        self.session
+            .fail(SessionError::BrokerUnavailable(error.to_string()))
+    }
+
+    /// Stops the session's background work; unconfirmed appends are dropped unacked.
+    fn finish(&mut self) {
+        if let Some(task) = self.results_task.take() {
+            task.abort();
+        }
+        if self.opened {
+            metrics::session_gone();
+        }
+    }
+}
+
+/// Resolves once the node is shutting down.
+async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    // The guard wait_for returns is not Send; it must not live across the select.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Waits for the broker's confirmation, bounded by [`CONFIRM_TIMEOUT`].
+async fn confirmed(stream: &str, pending: PendingAppend) -> Result<(), LogError> {
+    let publishing_id = pending.publishing_id;
+    match tokio::time::timeout(CONFIRM_TIMEOUT, pending.confirmed()).await {
+        Ok(result) => result.map(|_| ()),
+        Err(_) => Err(LogError::NotConfirmed {
+            stream: stream.into(),
+            publishing_id,
+            message: format!("no confirmation within {CONFIRM_TIMEOUT:?}"),
+        }),
+    }
+}
+
+/// The next result, or never when the session has no results to follow yet.
+async fn recv_result(results: &mut Option<mpsc::Receiver<ResultItem>>) -> Option<ResultItem> {
+    match results {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A result that cannot be read ends the session: skipping it could hide a final.
+fn read_failure(error: LogError) -> SessionError {
+    match error {
+        LogError::Decode { .. } => SessionError::Internal(error.to_string()),
+        other => SessionError::BrokerUnavailable(other.to_string()),
+    }
+}

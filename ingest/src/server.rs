@@ -1,0 +1,165 @@
+//! The HTTP side: `GET /v1/stream` upgrades to a WebSocket served by
+//! [`crate::connection`], beside the operator endpoints (`/metrics`, `/healthz`,
+//! `/readyz`) on the same listener.
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::response::Response;
+use axum::routing::get;
+use eventlog::log::StreamLog;
+use eventlog::streams::StreamLayout;
+use orchestrator::api::worker_manager_client::WorkerManagerClient;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::appenders::AudioAppenders;
+use crate::config::IngestArgs;
+use crate::connection;
+use crate::session::SessionConfig;
+
+const ORCHESTRATOR_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Log(#[from] eventlog::log::LogError),
+    #[error("invalid orchestrator URL {url:?}: {source}")]
+    OrchestratorUrl {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("serving HTTP: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+/// What every connection of the node shares.
+pub struct Node {
+    pub(crate) session_config: Arc<SessionConfig>,
+    pub(crate) node_id: String,
+    pub(crate) layout: StreamLayout,
+    pub(crate) log: StreamLog,
+    pub(crate) appenders: AudioAppenders,
+    pub(crate) orchestrator: WorkerManagerClient<Channel>,
+    pub(crate) max_connections: usize,
+    pub(crate) ping_interval: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    connections: Arc<Semaphore>,
+    max_frame_bytes: usize,
+    orchestrator_endpoint: Endpoint,
+}
+
+impl Node {
+    /// Connects to the broker (creating the deployment's streams if needed) and
+    /// prepares a lazy orchestrator channel: ingest starts, and reports not ready,
+    /// while the orchestrator is down.
+    pub async fn start(
+        args: &IngestArgs,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Arc<Self>, ServeError> {
+        let layout = args.shared.layout();
+        let log = StreamLog::connect(&args.shared.log_config()).await?;
+        log.ensure_streams(&layout.all_streams()).await?;
+        let endpoint = Endpoint::from_shared(args.orchestrator_url.clone())
+            .map_err(|source| ServeError::OrchestratorUrl {
+                url: args.orchestrator_url.clone(),
+                source,
+            })?
+            .connect_timeout(ORCHESTRATOR_CONNECT_TIMEOUT);
+        Ok(Arc::new(Self {
+            session_config: args.session_config(),
+            node_id: args.node_id.clone(),
+            appenders: AudioAppenders::new(
+                log.clone(),
+                layout.clone(),
+                &args.node_id,
+                args.max_frame_bytes,
+            ),
+            layout,
+            log,
+            orchestrator: WorkerManagerClient::new(endpoint.connect_lazy()),
+            max_connections: args.max_connections,
+            ping_interval: args.ping_interval(),
+            idle_timeout: args.idle_timeout(),
+            shutdown,
+            connections: Arc::new(Semaphore::new(args.max_connections)),
+            max_frame_bytes: args.max_frame_bytes,
+            orchestrator_endpoint: endpoint,
+        }))
+    }
+
+    /// `/v1/stream` and the operator endpoints.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/stream", get(upgrade))
+            .with_state(self.clone())
+            .merge(observability::ops_router(Arc::new(Readiness(self.clone()))))
+    }
+}
+
+async fn upgrade(State(node): State<Arc<Node>>, ws: WebSocketUpgrade) -> Response {
+    // Over the limit, the upgrade still completes so the client gets a proper error
+    // and close code rather than a bare HTTP status.
+    let permit = node.connections.clone().try_acquire_owned().ok();
+    // Frames above max_frame_bytes are refused by the session with an error message;
+    // the transport only stops frames too large to buffer at all.
+    let transport_limit = node.max_frame_bytes.saturating_mul(4).max(1 << 16);
+    ws.max_message_size(transport_limit)
+        .max_frame_size(transport_limit)
+        .on_upgrade(move |socket| connection::serve(node, socket, permit))
+}
+
+/// Ready when the broker answers a metadata query and the orchestrator accepts a
+/// connection.
+struct Readiness(Arc<Node>);
+
+#[async_trait::async_trait]
+impl observability::Readiness for Readiness {
+    async fn check(&self) -> Result<(), String> {
+        let node = &self.0;
+        node.log
+            .last_publishing_id(&node.node_id, &node.layout.control_stream())
+            .await
+            .map_err(|e| format!("broker: {e}"))?;
+        node.orchestrator_endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("orchestrator: {e}"))?;
+        Ok(())
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves; open sessions are then closed with
+/// `shutting_down` (1001) so their clients reconnect elsewhere, and this returns once
+/// they are gone.
+pub async fn serve(
+    listener: TcpListener,
+    args: IngestArgs,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let (stop, stopped) = watch::channel(false);
+    let node = Node::start(&args, stopped.clone()).await?;
+    tracing::info!(addr = ?listener.local_addr().ok(), node = %node.node_id, "ingest serving");
+    let mut stopping = stopped;
+    let server = axum::serve(listener, node.router())
+        .with_graceful_shutdown(async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        })
+        .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result.map_err(ServeError::Http),
+        () = shutdown => {
+            let _ = stop.send(true);
+        }
+    }
+    server.await.map_err(ServeError::Http)
+}

@@ -1,0 +1,643 @@
+//! One connection's session as a state machine, apart from the socket.
+//!
+//! ```text
+//! AwaitingOpen --open--> Opening --SessionOpened confirmed--> Open --end--> Ending --> Completed
+//!        \________________________ any error ________________________________/ --> Failed
+//! ```
+//!
+//! [`Session`] takes what happened (a client frame, a confirmation from the broker, a
+//! result event from the log, an error on the server's side) and answers with
+//! [`Action`]s for the server to carry out: append to the log, send to the client,
+//! close. It never waits on anything, so unit tests drive it with plain values.
+//!
+//! It holds the two rules that keep acknowledgements honest: an `ack` is produced only
+//! from a broker confirmation, in sequence order; and `completed` is held back until
+//! every appended chunk has been acknowledged and the end of stream confirmed, so a
+//! client never sees its session complete with a chunk it could think was lost.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use eventlog::events::AudioChunk;
+use eventlog::results::{ResultFilter, Verdict};
+use eventlog::{AudioFormat, Event, SessionId};
+
+use crate::protocol::{
+    self, ClientMessage, Limits, OpenRequest, Segment, ServerMessage, SessionError,
+};
+
+/// Every session's tenant until API keys arrive (a later issue): the key presented at
+/// open will name the tenant here.
+pub const LOCAL_TENANT: &str = "local";
+
+/// What a node serves, the same for all its sessions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Model names this node accepts in `open`.
+    pub models: Vec<String>,
+    pub limits: Limits,
+}
+
+/// What the server must do next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Append `SessionOpened`, wait for its confirmation, then call
+    /// [`Session::on_opened`] (or [`Session::fail`]).
+    Open {
+        session: SessionId,
+        tenant: String,
+        model: String,
+        format: AudioFormat,
+    },
+    /// Append the chunk; report its confirmation with [`Appended::Chunk`].
+    AppendChunk(AudioChunk),
+    /// Append `EndOfStream`; report its confirmation with [`Appended::End`].
+    AppendEnd {
+        last_seq: Option<u64>,
+    },
+    Send(ServerMessage),
+    /// Close the connection: normally (1000) with `None`, otherwise send the error's
+    /// `error` message and close with its code. Nothing follows a close.
+    Close(Option<SessionError>),
+}
+
+/// A broker confirmation of something the session appended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Appended {
+    Chunk(u64),
+    End,
+}
+
+/// What the orchestrator answered to AllocateWorker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    Allocated,
+    Queued { position: u32 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    AwaitingOpen,
+    Opening,
+    Open,
+    Ending,
+    Completed,
+    Failed,
+}
+
+/// The session of one connection.
+#[derive(Debug)]
+pub struct Session {
+    config: Arc<SessionConfig>,
+    id: SessionId,
+    phase: Phase,
+    model: String,
+    format: Option<AudioFormat>,
+    /// The sequence number the next audio frame must carry.
+    next_seq: u64,
+    /// Audio received so far, in samples.
+    samples: u64,
+    /// The sequence number the next ack will carry.
+    next_ack: u64,
+    end_confirmed: bool,
+    filter: ResultFilter,
+    started_sent: bool,
+    /// An accepted completion waiting for outstanding acks.
+    completion: Option<ServerMessage>,
+}
+
+impl Session {
+    /// A session that will be called `id` once it opens.
+    pub fn new(config: Arc<SessionConfig>, id: SessionId) -> Self {
+        Self {
+            config,
+            id,
+            phase: Phase::AwaitingOpen,
+            model: String::new(),
+            format: None,
+            next_seq: 0,
+            samples: 0,
+            next_ack: 0,
+            end_confirmed: false,
+            filter: ResultFilter::new(),
+            started_sent: false,
+            completion: None,
+        }
+    }
+
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// True once a close was produced; the server stops feeding the session.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Completed | Phase::Failed)
+    }
+
+    /// A text frame from the client.
+    pub fn on_text(&mut self, text: &str) -> Vec<Action> {
+        if self.is_closed() {
+            return Vec::new();
+        }
+        if let Err(e) = self.check_size(text.len()) {
+            return self.fail(e);
+        }
+        match protocol::parse_text(text) {
+            Ok(ClientMessage::Open(open)) => self.open(open),
+            Ok(ClientMessage::End) => self.end(),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// A binary (audio) frame from the client.
+    pub fn on_binary(&mut self, frame: Bytes) -> Vec<Action> {
+        if self.is_closed() {
+            return Vec::new();
+        }
+        if let Err(e) = self.check_size(frame.len()) {
+            return self.fail(e);
+        }
+        match self.phase {
+            Phase::AwaitingOpen | Phase::Opening => self.fail(SessionError::NotOpen("audio")),
+            Phase::Ending => self.fail(SessionError::AlreadyEnded("audio")),
+            Phase::Open => match self.audio(frame) {
+                Ok(chunk) => vec![Action::AppendChunk(chunk)],
+                Err(e) => self.fail(e),
+            },
+            Phase::Completed | Phase::Failed => Vec::new(),
+        }
+    }
+
+    /// `SessionOpened` is confirmed by the broker: the session exists.
+    pub fn on_opened(&mut self) -> Vec<Action> {
+        let Some(format) = self.format.filter(|_| self.phase == Phase::Opening) else {
+            return Vec::new();
+        };
+        self.phase = Phase::Open;
+        vec![Action::Send(ServerMessage::Opened {
+            session_id: self.id,
+            model: self.model.clone(),
+            sample_rate: format.sample_rate,
+            encoding: format.encoding,
+            limits: self.config.limits,
+        })]
+    }
+
+    /// The orchestrator's answer. An allocated worker announces itself with
+    /// EpochStarted on the results, which is what produces `started`.
+    pub fn on_allocation(&mut self, allocation: Allocation) -> Vec<Action> {
+        match allocation {
+            // A worker that was quicker than this answer already said `started`.
+            Allocation::Queued { position } if !self.started_sent && !self.is_closed() => {
+                vec![Action::Send(ServerMessage::Queued { position })]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The broker confirmed an append: acknowledge it to the client.
+    pub fn on_confirmed(&mut self, appended: Appended) -> Vec<Action> {
+        if self.is_closed() {
+            return Vec::new();
+        }
+        let mut actions = Vec::new();
+        match appended {
+            Appended::Chunk(seq) => {
+                // The server reports confirmations in append order; anything else would
+                // be a bug there, and acks must stay in order.
+                debug_assert_eq!(seq, self.next_ack, "confirmations out of order");
+                self.next_ack = seq + 1;
+                actions.push(Action::Send(ServerMessage::Ack { seq }));
+            }
+            Appended::End => self.end_confirmed = true,
+        }
+        actions.extend(self.flush_completion());
+        actions
+    }
+
+    /// The next event of the session's results, in log order. Only what the shared
+    /// acceptance rule accepts reaches the client.
+    pub fn on_result(&mut self, event: &Event) -> Vec<Action> {
+        if self.is_closed() || self.filter.accept(event) != Verdict::Accepted {
+            return Vec::new();
+        }
+        match event {
+            Event::EpochStarted { .. } if !self.started_sent => {
+                // A failover starts a new epoch; the client sees one `started` only.
+                self.started_sent = true;
+                vec![Action::Send(ServerMessage::Started)]
+            }
+            Event::Partial {
+                segment,
+                text,
+                start_ms,
+                end_ms,
+                ..
+            } => vec![Action::Send(ServerMessage::Partial(Segment {
+                segment: *segment,
+                text: text.clone(),
+                start_ms: *start_ms,
+                end_ms: *end_ms,
+            }))],
+            Event::Final {
+                segment,
+                text,
+                start_ms,
+                end_ms,
+                ..
+            } => vec![Action::Send(ServerMessage::Final(Segment {
+                segment: *segment,
+                text: text.clone(),
+                start_ms: *start_ms,
+                end_ms: *end_ms,
+            }))],
+            Event::TranscriptCompleted { segments, .. } => {
+                self.completion = Some(ServerMessage::Completed {
+                    segments: *segments,
+                    transcript: self.filter.transcript(),
+                    missing_segments: self.filter.missing_segments(),
+                });
+                self.flush_completion()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Ends the session with an error (the client's or the server's).
+    pub fn fail(&mut self, error: SessionError) -> Vec<Action> {
+        if self.is_closed() {
+            return Vec::new();
+        }
+        self.phase = Phase::Failed;
+        vec![Action::Close(Some(error))]
+    }
+
+    fn check_size(&self, size: usize) -> Result<(), SessionError> {
+        let max = self.config.limits.max_frame_bytes;
+        if size > max {
+            return Err(SessionError::FrameTooLarge { size, max });
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, open: OpenRequest) -> Vec<Action> {
+        if self.phase != Phase::AwaitingOpen {
+            return self.fail(SessionError::AlreadyOpen);
+        }
+        if !self.config.models.contains(&open.model) {
+            let served = self.config.models.join(", ");
+            return self.fail(SessionError::UnknownModel {
+                requested: open.model,
+                served,
+            });
+        }
+        let format = match open.format() {
+            Ok(format) => format,
+            Err(e) => return self.fail(e),
+        };
+        self.phase = Phase::Opening;
+        self.model = open.model.clone();
+        self.format = Some(format);
+        vec![Action::Open {
+            session: self.id,
+            tenant: LOCAL_TENANT.into(),
+            model: open.model,
+            format,
+        }]
+    }
+
+    fn end(&mut self) -> Vec<Action> {
+        match self.phase {
+            Phase::AwaitingOpen | Phase::Opening => self.fail(SessionError::NotOpen("end")),
+            Phase::Ending => self.fail(SessionError::AlreadyEnded("end")),
+            Phase::Open => {
+                self.phase = Phase::Ending;
+                vec![Action::AppendEnd {
+                    last_seq: self.next_seq.checked_sub(1),
+                }]
+            }
+            Phase::Completed | Phase::Failed => Vec::new(),
+        }
+    }
+
+    fn audio(&mut self, frame: Bytes) -> Result<AudioChunk, SessionError> {
+        let format = self.format.expect("an open session has a format");
+        let frame = protocol::parse_audio(frame, format.encoding)?;
+        if frame.seq != self.next_seq {
+            return Err(SessionError::BadSequence {
+                expected: self.next_seq,
+                got: frame.seq,
+            });
+        }
+        let max_secs = self.config.limits.max_session_secs;
+        let samples = self.samples + frame.samples(format.encoding);
+        if samples > max_secs * u64::from(format.sample_rate) {
+            return Err(SessionError::SessionTooLong(max_secs));
+        }
+        self.samples = samples;
+        self.next_seq += 1;
+        Ok(AudioChunk {
+            seq: frame.seq,
+            bytes: frame.pcm,
+        })
+    }
+
+    /// Sends the completion once nothing appended is left unacknowledged.
+    fn flush_completion(&mut self) -> Vec<Action> {
+        let settled =
+            self.next_ack == self.next_seq && (self.phase != Phase::Ending || self.end_confirmed);
+        match self.completion.take() {
+            Some(done) if settled => {
+                self.phase = Phase::Completed;
+                vec![Action::Send(done), Action::Close(None)]
+            }
+            pending => {
+                self.completion = pending;
+                Vec::new()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eventlog::AudioEncoding;
+    use uuid::Uuid;
+
+    const OPEN: &str =
+        r#"{"type":"open","model":"whisper-tiny.en","sample_rate":16000,"encoding":"pcm_s16le"}"#;
+
+    fn config() -> Arc<SessionConfig> {
+        Arc::new(SessionConfig {
+            models: vec!["whisper-tiny.en".into()],
+            limits: Limits {
+                max_frame_bytes: 1024,
+                max_session_secs: 1,
+                ping_interval_secs: 20,
+                idle_timeout_secs: 60,
+            },
+        })
+    }
+
+    fn frame(seq: u64, samples: usize) -> Bytes {
+        let mut raw = seq.to_le_bytes().to_vec();
+        raw.resize(8 + samples * 2, 0);
+        Bytes::from(raw)
+    }
+
+    fn error_code(actions: &[Action]) -> Option<&'static str> {
+        match actions {
+            [Action::Close(Some(e))] => Some(e.code()),
+            _ => None,
+        }
+    }
+
+    fn open_session() -> Session {
+        let mut s = Session::new(config(), Uuid::new_v4());
+        let actions = s.on_text(OPEN);
+        assert!(matches!(
+            &actions[..],
+            [Action::Open { tenant, format, .. }]
+                if tenant == "local" && format.encoding == AudioEncoding::PcmS16le
+        ));
+        let opened = s.on_opened();
+        assert!(matches!(
+            &opened[..],
+            [Action::Send(ServerMessage::Opened { session_id, .. })] if *session_id == s.id()
+        ));
+        assert_eq!(s.phase(), Phase::Open);
+        s
+    }
+
+    fn fin(epoch: u64, segment: u32, text: &str) -> Event {
+        Event::Final {
+            epoch,
+            segment,
+            text: text.into(),
+            start_ms: 0,
+            end_ms: 100,
+        }
+    }
+
+    fn started(epoch: u64) -> Event {
+        Event::EpochStarted {
+            epoch,
+            worker: "w".into(),
+        }
+    }
+
+    #[test]
+    fn audio_is_appended_in_order_and_acked_only_on_confirmation() {
+        let mut s = open_session();
+        let a = s.on_binary(frame(0, 4));
+        assert!(matches!(&a[..], [Action::AppendChunk(c)] if c.seq == 0 && c.bytes.len() == 8));
+        assert!(matches!(
+            &s.on_binary(frame(1, 4))[..],
+            [Action::AppendChunk(_)]
+        ));
+        assert_eq!(
+            s.on_confirmed(Appended::Chunk(0)),
+            vec![Action::Send(ServerMessage::Ack { seq: 0 })]
+        );
+        assert_eq!(
+            s.on_confirmed(Appended::Chunk(1)),
+            vec![Action::Send(ServerMessage::Ack { seq: 1 })]
+        );
+    }
+
+    #[test]
+    fn sequence_gaps_and_repeats_are_refused() {
+        let mut s = open_session();
+        s.on_binary(frame(0, 1));
+        assert_eq!(error_code(&s.on_binary(frame(2, 1))), Some("bad_sequence"));
+        assert!(s.is_closed());
+        assert!(s.on_binary(frame(1, 1)).is_empty(), "nothing after a close");
+
+        let mut s = open_session();
+        s.on_binary(frame(0, 1));
+        assert_eq!(error_code(&s.on_binary(frame(0, 1))), Some("bad_sequence"));
+    }
+
+    #[test]
+    fn refusals_at_open() {
+        let cases = [
+            ("{", "invalid_json"),
+            (r#"{"type":"hello"}"#, "unknown_message_type"),
+            (
+                r#"{"type":"open","model":"large","sample_rate":16000,"encoding":"pcm_s16le"}"#,
+                "unknown_model",
+            ),
+            (
+                r#"{"type":"open","model":"whisper-tiny.en","sample_rate":8000,"encoding":"pcm_s16le"}"#,
+                "unsupported_sample_rate",
+            ),
+            (
+                r#"{"type":"open","model":"whisper-tiny.en","sample_rate":16000,"encoding":"pcm_f32le"}"#,
+                "unsupported_encoding",
+            ),
+            (r#"{"type":"end"}"#, "not_open"),
+        ];
+        for (text, code) in cases {
+            let mut s = Session::new(config(), Uuid::new_v4());
+            assert_eq!(error_code(&s.on_text(text)), Some(code), "{text}");
+        }
+        let mut s = Session::new(config(), Uuid::new_v4());
+        assert_eq!(error_code(&s.on_binary(frame(0, 1))), Some("not_open"));
+    }
+
+    #[test]
+    fn open_twice_and_input_after_end() {
+        let mut s = open_session();
+        assert_eq!(error_code(&s.on_text(OPEN)), Some("already_open"));
+
+        let mut s = open_session();
+        assert_eq!(
+            s.on_text(r#"{"type":"end"}"#),
+            vec![Action::AppendEnd { last_seq: None }]
+        );
+        assert_eq!(error_code(&s.on_binary(frame(0, 1))), Some("already_ended"));
+
+        let mut s = open_session();
+        s.on_binary(frame(0, 1));
+        assert_eq!(
+            s.on_text(r#"{"type":"end"}"#),
+            vec![Action::AppendEnd { last_seq: Some(0) }]
+        );
+        assert_eq!(
+            error_code(&s.on_text(r#"{"type":"end"}"#)),
+            Some("already_ended")
+        );
+    }
+
+    #[test]
+    fn frame_and_session_limits() {
+        let mut s = open_session();
+        assert_eq!(
+            error_code(&s.on_binary(frame(0, 600))),
+            Some("frame_too_large")
+        );
+
+        // 1 second at 16 kHz is 16000 samples; frames of 500 samples fit 32 times.
+        let mut s = open_session();
+        for seq in 0..32 {
+            assert!(matches!(
+                &s.on_binary(frame(seq, 500))[..],
+                [Action::AppendChunk(_)]
+            ));
+        }
+        assert_eq!(
+            error_code(&s.on_binary(frame(32, 1))),
+            Some("session_too_long")
+        );
+
+        let mut s = open_session();
+        assert_eq!(
+            error_code(&s.on_binary(frame(0, 3).slice(..13))),
+            Some("bad_audio_frame")
+        );
+    }
+
+    #[test]
+    fn only_accepted_results_reach_the_client() {
+        let mut s = open_session();
+        assert_eq!(
+            s.on_allocation(Allocation::Queued { position: 2 }),
+            vec![Action::Send(ServerMessage::Queued { position: 2 })]
+        );
+        assert!(
+            s.on_result(&fin(1, 0, "early")).is_empty(),
+            "before any epoch"
+        );
+        assert_eq!(
+            s.on_result(&started(1)),
+            vec![Action::Send(ServerMessage::Started)]
+        );
+        assert!(
+            matches!(&s.on_result(&fin(1, 0, "a"))[..], [Action::Send(ServerMessage::Final(f))] if f.text == "a")
+        );
+        assert!(s.on_result(&fin(1, 0, "a again")).is_empty(), "duplicate");
+        assert!(
+            s.on_result(&started(2)).is_empty(),
+            "one started per session"
+        );
+        assert!(s.on_result(&fin(1, 1, "zombie")).is_empty(), "stale epoch");
+        let partial = Event::Partial {
+            epoch: 2,
+            segment: 1,
+            text: "b".into(),
+            start_ms: 0,
+            end_ms: 1,
+        };
+        assert!(matches!(
+            &s.on_result(&partial)[..],
+            [Action::Send(ServerMessage::Partial(_))]
+        ));
+        assert!(matches!(
+            &s.on_result(&fin(2, 1, "b"))[..],
+            [Action::Send(ServerMessage::Final(_))]
+        ));
+    }
+
+    #[test]
+    fn completion_waits_for_every_ack_and_the_end() {
+        let mut s = open_session();
+        s.on_binary(frame(0, 1));
+        s.on_result(&started(1));
+        s.on_result(&fin(1, 0, "hello"));
+        s.on_result(&fin(1, 1, "world"));
+        s.on_text(r#"{"type":"end"}"#);
+        let done = Event::TranscriptCompleted {
+            epoch: 1,
+            segments: 2,
+        };
+        assert!(s.on_result(&done).is_empty(), "chunk 0 not acked yet");
+        assert_eq!(s.on_confirmed(Appended::Chunk(0)).len(), 1, "just the ack");
+        let actions = s.on_confirmed(Appended::End);
+        assert_eq!(
+            actions,
+            vec![
+                Action::Send(ServerMessage::Completed {
+                    segments: 2,
+                    transcript: "hello world".into(),
+                    missing_segments: vec![],
+                }),
+                Action::Close(None),
+            ]
+        );
+        assert_eq!(s.phase(), Phase::Completed);
+    }
+
+    #[test]
+    fn a_gap_in_the_transcript_is_reported() {
+        let mut s = open_session();
+        s.on_text(r#"{"type":"end"}"#);
+        s.on_confirmed(Appended::End);
+        s.on_result(&started(1));
+        s.on_result(&fin(1, 1, "b"));
+        let actions = s.on_result(&Event::TranscriptCompleted {
+            epoch: 1,
+            segments: 2,
+        });
+        assert!(matches!(
+            &actions[..],
+            [Action::Send(ServerMessage::Completed { missing_segments, .. }), Action::Close(None)]
+                if missing_segments == &vec![0]
+        ));
+    }
+
+    #[test]
+    fn server_side_failures_close_once() {
+        let mut s = open_session();
+        assert_eq!(
+            error_code(&s.fail(SessionError::BrokerUnavailable("down".into()))),
+            Some("broker_unavailable")
+        );
+        assert!(s.fail(SessionError::ClientTooSlow).is_empty());
+        assert!(s.on_confirmed(Appended::Chunk(0)).is_empty());
+    }
+}
