@@ -8,7 +8,7 @@
 //! - [`engine`]: the decoder seams, and their sherpa-rs implementation;
 //! - [`segmenter`]: VAD-cut offline decoding with exact replay points (pure);
 //! - [`worker`]: the process: registration, heartbeats, one task per session;
-//! - [`config`]: flags.
+//! - [`config`]: the flags (with environment fallbacks).
 //!
 //! [`run`] is the entry point the `asr recognizer` subcommand calls.
 
@@ -16,5 +16,7 @@ pub mod audio;
 pub mod config;
 pub mod engine;
 pub mod segmenter;
+pub mod worker;
 
 pub use config::RecognizerArgs;
+pub use worker::run;

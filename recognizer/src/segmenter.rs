@@ -85,6 +85,11 @@ impl<R: Recognizer, F: VadFactory> Segmenter<R, F> {
         })
     }
 
+    /// Gives the recognizer back (tests, tools).
+    pub fn into_recognizer(self) -> R {
+        self.recognizer
+    }
+
     fn window_end(&self) -> u64 {
         self.reset_at + self.fed
     }
