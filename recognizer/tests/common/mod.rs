@@ -35,7 +35,10 @@ pub fn speak(sentence: &str) -> Vec<f32> {
         .status()
         .expect("espeak-ng is installed (deploy/runtime.sh)");
     assert!(status.success(), "espeak-ng failed");
+    // -R: repeatable. Without it sox seeds its dither from the clock, the speech differs
+    // from run to run, and tiny.en's transcript of it with it.
     let status = Command::new("sox")
+        .arg("-R")
         .arg(&raw)
         .args(["-r", "16000", "-c", "1", "-b", "16"])
         .arg(&out)
