@@ -6,6 +6,8 @@
 //! code. Nothing here does I/O, and no input makes the parser panic (a proptest below
 //! checks it).
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use eventlog::{AudioEncoding, AudioFormat, SessionId};
 use serde::{Deserialize, Serialize};
@@ -23,7 +25,7 @@ pub const SUPPORTED_FORMATS: &[AudioFormat] = &[AudioFormat {
 pub const SEQ_HEADER_BYTES: usize = 8;
 
 /// A message the client sends in a text frame.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
     Open(OpenRequest),
@@ -36,7 +38,7 @@ const CLIENT_MESSAGE_TYPES: &[&str] = &["open", "end"];
 
 /// `{"type":"open",...}`. Unknown fields are ignored, so that clients written against
 /// a later protocol (an `api_key`, a resume token) still open sessions here.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenRequest {
     pub model: String,
     pub sample_rate: u32,
@@ -68,6 +70,13 @@ pub fn encoding_name(encoding: AudioEncoding) -> &'static str {
     match encoding {
         AudioEncoding::PcmS16le => "pcm_s16le",
         AudioEncoding::PcmF32le => "pcm_f32le",
+    }
+}
+
+impl ClientMessage {
+    /// The text frame a client sends (see the `client` crate).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("client messages serialise")
     }
 }
 
@@ -132,7 +141,7 @@ pub fn parse_audio(frame: Bytes, encoding: AudioEncoding) -> Result<AudioFrame, 
 }
 
 /// Session limits, announced in `opened` so clients can size their frames.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     /// Largest text or binary frame accepted, in bytes (header included).
     pub max_frame_bytes: usize,
@@ -145,7 +154,7 @@ pub struct Limits {
 }
 
 /// Everything the server sends, as a text frame.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
     Opened {
@@ -169,17 +178,17 @@ pub enum ServerMessage {
         transcript: String,
         /// Segment indices below `segments` that never got an accepted final: a gap
         /// reported, never papered over. Absent when there is none.
-        #[serde(skip_serializing_if = "Vec::is_empty")]
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         missing_segments: Vec<u32>,
     },
     Error {
-        code: &'static str,
+        code: Cow<'static, str>,
         message: String,
     },
 }
 
 /// The body of `partial` and `final`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
     pub segment: u32,
     pub text: String,
@@ -191,6 +200,11 @@ impl ServerMessage {
     /// The text frame. Serialising these plain values into memory cannot fail.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("server messages serialise")
+    }
+
+    /// Parses a server text frame (for clients).
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
     }
 
     /// Partials may be dropped for a slow reader (a later partial or the final
@@ -290,7 +304,7 @@ impl SessionError {
     /// The `error` message announcing this error.
     pub fn to_message(&self) -> ServerMessage {
         ServerMessage::Error {
-            code: self.code(),
+            code: Cow::Borrowed(self.code()),
             message: self.to_string(),
         }
     }

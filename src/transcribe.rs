@@ -1,0 +1,81 @@
+//! `asr transcribe FILE.wav`: streams a recording through a running system, shows
+//! partials live on stderr and prints the final transcript on stdout.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use client::{Recording, StreamOptions};
+use ingest::protocol::ServerMessage;
+
+#[derive(Args, Debug)]
+pub struct TranscribeArgs {
+    /// A mono WAV file, 16-bit integer or 32-bit float PCM.
+    file: PathBuf,
+    /// The ingest endpoint.
+    #[arg(long, env = "ASR_URL", default_value = "ws://127.0.0.1:8080/v1/stream")]
+    url: String,
+    /// The model to transcribe with.
+    #[arg(long, env = "ASR_MODEL", default_value = "whisper-tiny.en")]
+    model: String,
+    /// 1 = real time, N = N times faster, 0 = as fast as acknowledgements allow.
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// Audio per frame, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    chunk_ms: u32,
+    /// Seconds to wait for the transcript once all audio is sent.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+    /// Do not show partials and progress on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+pub async fn run(args: TranscribeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.speed >= 0.0, "--speed must be 0 (unpaced) or positive");
+    let recording = Recording::read(&args.file)?;
+    let options = StreamOptions {
+        url: args.url.clone(),
+        model: args.model.clone(),
+        chunk_ms: args.chunk_ms.max(10),
+        speed: args.speed,
+        completion_timeout: Duration::from_secs(args.timeout_secs),
+        ..StreamOptions::default()
+    };
+    let quiet = args.quiet;
+    let mut stderr = std::io::stderr();
+    let outcome = client::stream(&options, &recording, |message| {
+        if quiet {
+            return;
+        }
+        // One live line for the open segment, a fresh line for each final.
+        let _ = match message {
+            ServerMessage::Queued { position } => {
+                writeln!(stderr, "waiting for a worker (position {position})")
+            }
+            ServerMessage::Partial(s) => write!(stderr, "\r\x1b[2K… {}", s.text),
+            ServerMessage::Final(s) => writeln!(
+                stderr,
+                "\r\x1b[2K[{:>7.2}s – {:>7.2}s] {}",
+                s.start_ms as f64 / 1000.0,
+                s.end_ms as f64 / 1000.0,
+                s.text
+            ),
+            _ => Ok(()),
+        };
+    })
+    .await
+    .with_context(|| format!("transcribing {}", args.file.display()))?;
+    if !outcome.missing_segments.is_empty() {
+        anyhow::bail!(
+            "the transcript of session {} is missing segments {:?}",
+            outcome.session_id,
+            outcome.missing_segments
+        );
+    }
+    println!("{}", outcome.transcript);
+    Ok(())
+}

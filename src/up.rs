@@ -1,0 +1,189 @@
+//! `asr up`: the whole system on one machine. The orchestrator, the ingest gateway and
+//! N recognizers run as child processes of this one (the same binary), each restarted
+//! when it dies; Ctrl-C stops them all, and they stop by themselves if this supervisor
+//! is killed (see `shutdown`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use eventlog::config::SharedArgs;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+use crate::shutdown::{self, SUPERVISOR_PID_ENV};
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Number of recognizer worker processes.
+    #[arg(long, env = "ASR_RECOGNIZERS", default_value_t = 2)]
+    recognizers: u16,
+    /// Ingest WebSocket listen address.
+    #[arg(long, env = "ASR_INGEST_ADDR", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Orchestrator gRPC listen address.
+    #[arg(
+        long,
+        env = "ASR_ORCHESTRATOR_GRPC_ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
+    grpc_addr: SocketAddr,
+    /// Orchestrator metrics/health address.
+    #[arg(
+        long,
+        env = "ASR_ORCHESTRATOR_HTTP_ADDR",
+        default_value = "127.0.0.1:9101"
+    )]
+    orchestrator_http_addr: SocketAddr,
+    /// Recognizer i serves its metrics/health on this port + i.
+    #[arg(long, env = "ASR_RECOGNIZER_BASE_PORT", default_value_t = 9201)]
+    recognizer_base_port: u16,
+    #[command(flatten)]
+    shared: SharedArgs,
+}
+
+/// One supervised role: how to start it and what to call it in logs.
+struct Role {
+    name: String,
+    args: Vec<String>,
+}
+
+impl UpArgs {
+    fn roles(&self) -> (Role, Role, Vec<Role>) {
+        let grpc_url = format!("http://{}", self.grpc_addr);
+        let orchestrator = Role {
+            name: "orchestrator".into(),
+            args: vec![
+                "orchestrator".into(),
+                format!("--grpc-addr={}", self.grpc_addr),
+                format!("--http-addr={}", self.orchestrator_http_addr),
+            ],
+        };
+        let ingest = Role {
+            name: "ingest".into(),
+            args: vec![
+                "ingest".into(),
+                format!("--listen={}", self.listen),
+                format!("--orchestrator-url={grpc_url}"),
+            ],
+        };
+        let recognizers = (0..self.recognizers)
+            .map(|i| Role {
+                name: format!("recognizer-{}", i + 1),
+                args: vec![
+                    "recognizer".into(),
+                    format!("--worker-id=recognizer-{}", i + 1),
+                    format!("--orchestrator-url={grpc_url}"),
+                    format!("--http-addr=127.0.0.1:{}", self.recognizer_base_port + i),
+                ],
+            })
+            .collect();
+        (orchestrator, ingest, recognizers)
+    }
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the asr binary")?;
+    let env = args.shared.to_env();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (orchestrator, ingest, recognizers) = args.roles();
+
+    let spawn = |role: Role| {
+        let (exe, env, stop) = (exe.clone(), env.clone(), stop_rx.clone());
+        tokio::spawn(supervise(exe, env, role, stop))
+    };
+    let mut tasks = vec![spawn(orchestrator)];
+    wait_for_port(args.grpc_addr, "orchestrator").await?;
+    tasks.push(spawn(ingest));
+    tasks.extend(recognizers.into_iter().map(spawn));
+    wait_for_port(args.listen, "ingest").await?;
+    tracing::info!(
+        url = %format!("ws://{}/v1/stream", args.listen),
+        metrics = %format!("http://{}/metrics", args.listen),
+        recognizers = args.recognizers,
+        "system up: stream audio with `asr transcribe FILE.wav`; Ctrl-C stops everything"
+    );
+
+    shutdown::signal().await;
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    tracing::info!("all children stopped");
+    Ok(())
+}
+
+/// Runs a role, restarting it whenever it exits until the system stops.
+async fn supervise(
+    exe: std::path::PathBuf,
+    env: Vec<(&'static str, String)>,
+    role: Role,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut restarts = 0u32;
+    loop {
+        let child = Command::new(&exe)
+            .args(&role.args)
+            .envs(env.iter().map(|(k, v)| (*k, v)))
+            .env(SUPERVISOR_PID_ENV, std::process::id().to_string())
+            .kill_on_drop(true)
+            .spawn();
+        let mut child = match child {
+            Ok(child) => child,
+            Err(e) => {
+                tracing::error!(role = %role.name, error = %e, "cannot start");
+                return;
+            }
+        };
+        tracing::info!(role = %role.name, pid = child.id(), "started");
+        let status = tokio::select! {
+            status = child.wait() => status,
+            _ = stopped(&mut stop) => {
+                terminate(&role.name, &mut child).await;
+                return;
+            }
+        };
+        restarts += 1;
+        tracing::warn!(role = %role.name, ?status, restarts, "exited; restarting");
+        // Back off a little so a role that cannot start does not spin.
+        let backoff = Duration::from_millis(200 * u64::from(restarts.min(10)));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Resolves once the system is stopping.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard wait_for returns is not Send: drop it here, not across an await.
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// SIGTERM, then SIGKILL if the child has not stopped within five seconds.
+async fn terminate(name: &str, child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    }
+    match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+        Ok(status) => tracing::info!(role = name, ?status, "stopped"),
+        Err(_) => {
+            tracing::warn!(role = name, "did not stop within 5 s; killing");
+            let _ = child.kill().await;
+        }
+    }
+}
+
+async fn wait_for_port(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("{what} did not open {addr} within 60 s (see its log above)");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! The system under test, as real processes: an orchestrator, an ingest node and
+//! recognizers, each a separate OS process of the built `asr` binary, in a namespace
+//! of their own (stream names and Redis keys) and on free ports. Each process logs to
+//! a file, printed when a test fails to start the system.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use eventlog::log::{LogConfig, StreamLog};
+use eventlog::streams::StreamLayout;
+use tokio::process::{Child, Command};
+
+use crate::free_port;
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct SystemConfig {
+    pub recognizers: usize,
+    /// Stream partitions (few keep the test's broker footprint small).
+    pub partitions: u16,
+    /// Extra environment for every process.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for SystemConfig {
+    fn default() -> Self {
+        Self {
+            recognizers: 1,
+            partitions: 4,
+            env: Vec::new(),
+        }
+    }
+}
+
+/// One running process of the system.
+pub struct Process {
+    pub role: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+pub struct System {
+    pub namespace: String,
+    pub layout: StreamLayout,
+    pub ingest_port: u16,
+    pub grpc_port: u16,
+    pub processes: Vec<Process>,
+    bin: PathBuf,
+    logs: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl System {
+    /// Starts the orchestrator, then ingest and the recognizers, and waits until ingest
+    /// accepts connections and every recognizer has registered (its metrics port is
+    /// open once its model is loaded).
+    pub async fn start(bin: &Path, config: SystemConfig) -> System {
+        let namespace = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let logs = std::env::temp_dir().join(format!("asr-{namespace}"));
+        std::fs::create_dir_all(&logs).expect("log dir");
+        let mut env = vec![
+            ("ASR_NAMESPACE".to_string(), namespace.clone()),
+            ("ASR_PARTITIONS".to_string(), config.partitions.to_string()),
+            ("RUST_LOG".to_string(), "info".to_string()),
+        ];
+        env.extend(config.env.iter().cloned());
+        let mut system = System {
+            layout: StreamLayout::new(namespace.clone(), config.partitions),
+            namespace,
+            ingest_port: free_port(),
+            grpc_port: free_port(),
+            processes: Vec::new(),
+            bin: bin.to_path_buf(),
+            logs,
+            env,
+        };
+        let orchestrator_http = free_port();
+        system.spawn(
+            "orchestrator",
+            &[
+                "orchestrator".into(),
+                format!("--grpc-addr=127.0.0.1:{}", system.grpc_port),
+                format!("--http-addr=127.0.0.1:{orchestrator_http}"),
+            ],
+        );
+        system.wait_for_port(system.grpc_port, "orchestrator").await;
+        let ingest = [
+            "ingest".into(),
+            format!("--listen=127.0.0.1:{}", system.ingest_port),
+            format!("--orchestrator-url={}", system.orchestrator_url()),
+        ];
+        system.spawn("ingest", &ingest);
+        for i in 0..config.recognizers {
+            system
+                .start_recognizer(&format!("recognizer-{}", i + 1))
+                .await;
+        }
+        system.wait_for_port(system.ingest_port, "ingest").await;
+        system
+    }
+
+    pub fn orchestrator_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/v1/stream", self.ingest_port)
+    }
+
+    /// Starts one more recognizer and waits until its model is loaded.
+    pub async fn start_recognizer(&mut self, worker_id: &str) {
+        let http = free_port();
+        let args = [
+            "recognizer".into(),
+            format!("--worker-id={worker_id}"),
+            format!("--orchestrator-url={}", self.orchestrator_url()),
+            format!("--http-addr=127.0.0.1:{http}"),
+        ];
+        self.spawn(worker_id, &args);
+        self.wait_for_port(http, worker_id).await;
+    }
+
+    fn spawn(&mut self, role: &str, args: &[String]) {
+        let log = self.logs.join(format!("{role}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(&self.bin)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {role}: {e}"));
+        self.processes.push(Process {
+            role: role.into(),
+            child,
+            log,
+        });
+    }
+
+    async fn wait_for_port(&mut self, port: u16, role: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            let exited = self
+                .processes
+                .iter_mut()
+                .find(|p| p.role == role)
+                .and_then(|p| p.child.try_wait().ok().flatten());
+            if exited.is_some() || tokio::time::Instant::now() > deadline {
+                panic!(
+                    "{role} did not open port {port} ({exited:?}); its log:\n{}",
+                    self.log_of(role)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The log a process wrote so far.
+    pub fn log_of(&self, role: &str) -> String {
+        self.processes
+            .iter()
+            .filter(|p| p.role == role)
+            .map(|p| std::fs::read_to_string(&p.log).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Every process's log, for a failing test's message.
+    pub fn all_logs(&self) -> String {
+        self.processes
+            .iter()
+            .map(|p| format!("===== {} =====\n{}", p.role, self.log_of(&p.role)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Stops every process and removes the namespace's streams and Redis keys.
+    pub async fn stop(mut self) {
+        for process in &mut self.processes {
+            let _ = process.child.kill().await;
+        }
+        if let Ok(log) = StreamLog::connect(&LogConfig::default()).await {
+            log.delete_streams(&self.layout.all_streams()).await;
+        }
+        if let Ok(client) = redis::Client::open("redis://127.0.0.1:6379/0")
+            && let Ok(mut redis) = client.get_multiplexed_async_connection().await
+        {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}:*", self.namespace))
+                .query_async(&mut redis)
+                .await
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: redis::RedisResult<()> =
+                    redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.logs);
+    }
+}
