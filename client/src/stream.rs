@@ -126,21 +126,16 @@ pub async fn stream(
         chunk_ms: options.chunk_ms,
     };
 
-    // Wait for `opened` before sending audio.
-    loop {
-        match next_message(&mut source).await? {
-            ServerMessage::Opened { session_id, .. } => {
-                outcome.session_id = session_id;
-                break;
-            }
-            ServerMessage::Error { code, message } => {
-                return Err(ClientError::Server {
-                    code: code.into_owned(),
-                    message,
-                });
-            }
-            other => return Err(ClientError::Protocol(format!("{other:?} before opened"))),
+    // The first message is `opened` (or the refusal): no audio before it.
+    match next_message(&mut source).await? {
+        ServerMessage::Opened { session_id, .. } => outcome.session_id = session_id,
+        ServerMessage::Error { code, message } => {
+            return Err(ClientError::Server {
+                code: code.into_owned(),
+                message,
+            });
         }
+        other => return Err(ClientError::Protocol(format!("{other:?} before opened"))),
     }
 
     let (acked_tx, acked_rx) = watch::channel(0usize);
