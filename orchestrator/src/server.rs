@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::api::worker_manager_server::WorkerManagerServer;
 use crate::config::OrchestratorArgs;
 use crate::registry::Registry;
-use crate::service::{Appenders, WorkerManagerService};
+use crate::service::{Appenders, Disconnects, WorkerManagerService};
 use crate::telemetry;
 
 /// Bounds one encoded control or heartbeat event (a heartbeat lists a worker's
@@ -27,6 +27,7 @@ const MAX_EVENT_BYTES: usize = 64 * 1024;
 /// An orchestrator with its listeners bound, not serving yet.
 pub struct Orchestrator {
     service: WorkerManagerService,
+    disconnects: Disconnects,
     grpc: TcpListener,
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
@@ -66,7 +67,7 @@ impl Orchestrator {
                 MAX_EVENT_BYTES,
             )
             .await?;
-        let service = WorkerManagerService::new(
+        let (service, disconnects) = WorkerManagerService::new(
             registry.clone(),
             Appenders {
                 control: control.clone(),
@@ -91,6 +92,7 @@ impl Orchestrator {
         let grpc_addr = grpc.local_addr()?;
         Ok(Self {
             service,
+            disconnects,
             grpc,
             grpc_addr,
             http_addr,
@@ -110,19 +112,25 @@ impl Orchestrator {
 
     /// Serves until `shutdown` resolves.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let monitor = tokio::spawn(monitor(self.service.clone(), self.monitor_period));
-        let service = self.service.clone();
+        let service = self.service;
+        let monitor = tokio::spawn(monitor(service.clone(), self.monitor_period));
+        let disconnects = tokio::spawn(service.clone().handle_disconnects(self.disconnects));
+        let stopping = service.clone();
         let shutdown = async move {
             shutdown.await;
             info!("orchestrator shutting down");
             // Worker streams never end by themselves; end them so shutdown can finish.
-            service.disconnect_all().await;
+            stopping.disconnect_all().await;
         };
         let served = tonic::transport::Server::builder()
-            .add_service(WorkerManagerServer::new(self.service))
+            .add_service(WorkerManagerServer::new(service.clone()))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), shutdown)
             .await;
-        monitor.abort();
+        for task in [monitor, disconnects] {
+            task.abort();
+            let _ = task.await;
+        }
+        service.close().await;
         served.context("serving the gRPC API")
     }
 }

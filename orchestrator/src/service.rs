@@ -10,13 +10,14 @@
 //!
 //! A connected worker's `RegisterWorker` stream is fed from an mpsc channel held in
 //! `connections`. When tonic drops that stream (the worker's socket closed) a guard
-//! reports it and the worker is marked lost; a worker that goes silent with its socket
-//! open is caught by [`WorkerManagerService::expire_silent_workers`].
+//! reports it to [`WorkerManagerService::handle_disconnects`] and the worker is marked
+//! lost; a worker that goes silent with its socket open is caught by
+//! [`WorkerManagerService::expire_silent_workers`].
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -84,6 +85,12 @@ struct Connection {
 
 type Connections = HashMap<String, Connection>;
 
+/// A worker's stream ended: (worker, connection id).
+type Disconnect = (String, u64);
+
+/// The ends of worker streams, to be fed to [`WorkerManagerService::handle_disconnects`].
+pub struct Disconnects(mpsc::UnboundedReceiver<Disconnect>);
+
 /// The gRPC service. Cheap to clone.
 #[derive(Clone)]
 pub struct WorkerManagerService {
@@ -97,18 +104,46 @@ struct Inner {
     /// The allocation critical section, and the push channels of connected workers.
     connections: Mutex<Connections>,
     next_connection: AtomicU64,
+    disconnects: mpsc::UnboundedSender<Disconnect>,
 }
 
 impl WorkerManagerService {
-    pub fn new(registry: Registry, appenders: Appenders, heartbeat_timeout: Duration) -> Self {
-        Self {
+    pub fn new(
+        registry: Registry,
+        appenders: Appenders,
+        heartbeat_timeout: Duration,
+    ) -> (Self, Disconnects) {
+        let (disconnects, receiver) = mpsc::unbounded_channel();
+        let service = Self {
             inner: Arc::new(Inner {
                 registry,
                 appenders,
                 heartbeat_timeout,
                 connections: Mutex::new(HashMap::new()),
                 next_connection: AtomicU64::new(1),
+                disconnects,
             }),
+        };
+        (service, Disconnects(receiver))
+    }
+
+    /// Marks lost the workers whose stream ended, one at a time, until aborted.
+    pub async fn handle_disconnects(self, mut disconnects: Disconnects) {
+        while let Some((worker, connection)) = disconnects.0.recv().await {
+            self.inner.stream_closed(&worker, connection).await;
+        }
+    }
+
+    /// Closes the event-log producers once every other handle on the service is gone
+    /// (the server stopped, its background tasks finished). The client library's
+    /// drop of an open producer blocks its thread on the broker, so close them here.
+    pub async fn close(self) {
+        match Arc::try_unwrap(self.inner) {
+            Ok(inner) => {
+                inner.appenders.control.close().await;
+                inner.appenders.heartbeats.close().await;
+            }
+            Err(_) => warn!("service still in use at close; its producers close on drop"),
         }
     }
 
@@ -399,10 +434,7 @@ impl Inner {
         Ok(())
     }
 
-    async fn register(
-        self: &Arc<Self>,
-        request: RegisterWorkerRequest,
-    ) -> Result<WorkerStream, ServiceError> {
+    async fn register(&self, request: RegisterWorkerRequest) -> Result<WorkerStream, ServiceError> {
         let mut connections = self.connections.lock().await;
         if let Some(previous) = self.registry.worker(&request.worker_id).await? {
             // The same id again: the earlier process is gone (or about to be), and
@@ -440,7 +472,7 @@ impl Inner {
         let stream = WorkerStream {
             commands: UnboundedReceiverStream::new(receiver),
             _guard: CloseGuard {
-                inner: Arc::downgrade(self),
+                disconnects: self.disconnects.clone(),
                 worker: record.id.clone(),
                 connection: id,
             },
@@ -618,20 +650,16 @@ impl Stream for WorkerStream {
 
 /// Reports the stream's end (tonic drops it when the worker's connection goes away).
 struct CloseGuard {
-    inner: Weak<Inner>,
+    disconnects: mpsc::UnboundedSender<Disconnect>,
     worker: String,
     connection: u64,
 }
 
 impl Drop for CloseGuard {
     fn drop(&mut self) {
-        let (Some(inner), Ok(runtime)) =
-            (self.inner.upgrade(), tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        let worker = std::mem::take(&mut self.worker);
-        let connection = self.connection;
-        runtime.spawn(async move { inner.stream_closed(&worker, connection).await });
+        // Fails only once the service is shutting down, when nobody needs to know.
+        let _ = self
+            .disconnects
+            .send((std::mem::take(&mut self.worker), self.connection));
     }
 }

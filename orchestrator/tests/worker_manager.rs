@@ -1,0 +1,564 @@
+//! The WorkerManager API end to end, against real Redis and RabbitMQ: the server runs
+//! in-process on ephemeral ports, each test under its own namespace (`t-<uuid>`) for
+//! streams and Redis keys; fake workers use the real gRPC client.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use eventlog::log::{ReadFrom, StreamLog};
+use eventlog::streams::StreamLayout;
+use eventlog::{Envelope, Event, SessionId};
+use orchestrator::api::allocate_worker_response::Outcome;
+use orchestrator::api::worker_manager_client::WorkerManagerClient;
+use orchestrator::api::{
+    AllocateWorkerRequest, Allocation, Assign, Queued, RegisterWorkerRequest, ReleaseWorkerRequest,
+    Revoke, SendHeartbeatRequest, SessionProgress, WorkerCommand, worker_command::Command,
+};
+use orchestrator::{Orchestrator, OrchestratorArgs};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::Streaming;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+const MODEL: &str = "whisper-tiny";
+const WAIT: Duration = Duration::from_secs(10);
+/// Long enough that tests not about silent workers need not heartbeat.
+const NO_TIMEOUT_MS: u64 = 600_000;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: OrchestratorArgs,
+}
+
+/// One orchestrator under a fresh namespace.
+struct Harness {
+    args: OrchestratorArgs,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    log: StreamLog,
+    stop: oneshot::Sender<()>,
+    server: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Harness {
+    async fn start(heartbeat_timeout_ms: u64) -> Self {
+        observability::init_tracing();
+        let namespace = format!("t-{}", Uuid::new_v4());
+        let timeout = heartbeat_timeout_ms.to_string();
+        let args = Cli::parse_from([
+            "orchestrator",
+            "--namespace",
+            &namespace,
+            "--partitions",
+            "2",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--heartbeat-timeout-ms",
+            &timeout,
+        ])
+        .args;
+        let orchestrator = Orchestrator::bind(args.clone())
+            .await
+            .expect("orchestrator starts");
+        let (grpc, http) = (orchestrator.grpc_addr(), orchestrator.http_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(orchestrator.serve(async {
+            let _ = stopped.await;
+        }));
+        let log = StreamLog::connect(&args.shared.log_config()).await.unwrap();
+        Self {
+            args,
+            grpc,
+            http,
+            log,
+            stop,
+            server,
+        }
+    }
+
+    fn layout(&self) -> StreamLayout {
+        self.args.shared.layout()
+    }
+
+    async fn client(&self) -> WorkerManagerClient<Channel> {
+        WorkerManagerClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+    }
+
+    async fn register(&self, id: &str, capacity: u32) -> FakeWorker {
+        let mut client = self.client().await;
+        let commands = client
+            .register_worker(RegisterWorkerRequest {
+                worker_id: id.into(),
+                model_name: MODEL.into(),
+                capacity,
+                metrics_addr: "127.0.0.1:0".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        FakeWorker { commands }
+    }
+
+    async fn allocate(&self, session: SessionId) -> Outcome {
+        self.client()
+            .await
+            .allocate_worker(AllocateWorkerRequest {
+                session_id: session.to_string(),
+                model_name: MODEL.into(),
+                tenant: "tenant-1".into(),
+                opened_at_ms: 1_700_000_000_000,
+                sample_rate: 8000,
+                encoding: "pcm_s16le".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome
+            .expect("an outcome")
+    }
+
+    async fn release(&self, worker: &str, session: SessionId, epoch: u64) -> bool {
+        self.client()
+            .await
+            .release_worker(ReleaseWorkerRequest {
+                worker_id: worker.into(),
+                session_id: session.to_string(),
+                epoch,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    }
+
+    async fn heartbeat(&self, worker: &str, sessions: Vec<SessionProgress>) -> bool {
+        heartbeat(&mut self.client().await, worker, sessions).await
+    }
+
+    /// The first `n` events of a stream.
+    async fn read(&self, stream: &str, n: usize) -> Vec<Envelope> {
+        let mut reader = self
+            .log
+            .reader(stream, ReadFrom::Start, None)
+            .await
+            .unwrap();
+        let mut events = Vec::new();
+        while events.len() < n {
+            let record = tokio::time::timeout(WAIT, reader.next())
+                .await
+                .unwrap_or_else(|_| panic!("only {} events on {stream}: {events:?}", events.len()))
+                .expect("reader open")
+                .unwrap();
+            events.push(record.envelope);
+        }
+        reader.close().await;
+        events
+    }
+
+    async fn control_events(&self, n: usize) -> Vec<(Option<SessionId>, Event)> {
+        self.read(&self.layout().control_stream(), n)
+            .await
+            .into_iter()
+            .map(|e| (e.session, e.event))
+            .collect()
+    }
+
+    /// Stops the server and deletes the namespace's streams and keys.
+    async fn finish(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(WAIT, self.server)
+            .await
+            .expect("server stops")
+            .unwrap()
+            .unwrap();
+        self.log
+            .delete_streams(&self.args.shared.layout().all_streams())
+            .await;
+        let mut redis = self.args.shared.redis().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.args.shared.namespace))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(keys)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+async fn heartbeat(
+    client: &mut WorkerManagerClient<Channel>,
+    worker: &str,
+    sessions: Vec<SessionProgress>,
+) -> bool {
+    client
+        .send_heartbeat(SendHeartbeatRequest {
+            worker_id: worker.into(),
+            model_name: MODEL.into(),
+            sessions,
+            capacity: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .known
+}
+
+/// A worker's end of its RegisterWorker stream, on its own connection (dropping it
+/// closes the socket, as a killed process would).
+struct FakeWorker {
+    commands: Streaming<WorkerCommand>,
+}
+
+impl FakeWorker {
+    async fn next(&mut self) -> Option<Command> {
+        tokio::time::timeout(WAIT, self.commands.message())
+            .await
+            .expect("a command in time")
+            .expect("stream healthy")
+            .map(|c| c.command.expect("a command"))
+    }
+
+    async fn assign(&mut self) -> Assign {
+        match self.next().await {
+            Some(Command::Assign(assign)) => assign,
+            other => panic!("expected an Assign, got {other:?}"),
+        }
+    }
+
+    async fn quiet(&mut self) {
+        let got = tokio::time::timeout(Duration::from_millis(300), self.commands.message()).await;
+        assert!(got.is_err(), "expected no command, got {got:?}");
+    }
+}
+
+fn allocation(worker: &str, epoch: u64) -> Outcome {
+    Outcome::Allocated(Allocation {
+        worker_id: worker.into(),
+        epoch,
+    })
+}
+
+fn position(outcome: &Outcome) -> u32 {
+    match outcome {
+        Outcome::Queued(Queued { position, .. }) => *position,
+        other => panic!("expected Queued, got {other:?}"),
+    }
+}
+
+fn registered(worker: &str, capacity: u32) -> (Option<SessionId>, Event) {
+    (
+        None,
+        Event::WorkerRegistered {
+            worker: worker.into(),
+            model: MODEL.into(),
+            capacity,
+        },
+    )
+}
+
+fn allocated(session: SessionId, worker: &str, epoch: u64) -> (Option<SessionId>, Event) {
+    (
+        Some(session),
+        Event::WorkerAllocated {
+            worker: worker.into(),
+            model: MODEL.into(),
+            epoch,
+        },
+    )
+}
+
+fn sessions(n: usize) -> Vec<SessionId> {
+    (0..n).map(|_| Uuid::new_v4()).collect()
+}
+
+#[tokio::test]
+async fn allocates_within_capacity_queues_the_rest_and_serves_the_queue_on_release() {
+    let h = Harness::start(NO_TIMEOUT_MS).await;
+    let mut a = h.register("w-a", 2).await;
+    let mut b = h.register("w-b", 1).await;
+    let s = sessions(5);
+
+    // Both idle: the one with more free slots; then the least loaded share.
+    assert_eq!(h.allocate(s[0]).await, allocation("w-a", 1));
+    let assign = a.assign().await;
+    assert_eq!(
+        assign,
+        Assign {
+            session_id: s[0].to_string(),
+            model_name: MODEL.into(),
+            tenant: "tenant-1".into(),
+            epoch: 1,
+            opened_at_ms: 1_700_000_000_000,
+            sample_rate: 8000,
+            encoding: "pcm_s16le".into(),
+        }
+    );
+    assert_eq!(h.allocate(s[1]).await, allocation("w-b", 1));
+    assert_eq!(b.assign().await.session_id, s[1].to_string());
+    assert_eq!(h.allocate(s[2]).await, allocation("w-a", 1));
+    assert_eq!(a.assign().await.session_id, s[2].to_string());
+
+    // Every slot taken: queued in arrival order.
+    assert_eq!(position(&h.allocate(s[3]).await), 1);
+    assert_eq!(position(&h.allocate(s[4]).await), 2);
+
+    // Idempotent per session.
+    assert_eq!(h.allocate(s[1]).await, allocation("w-b", 1));
+    assert_eq!(position(&h.allocate(s[3]).await), 1);
+
+    // Stale releases (wrong epoch, wrong worker) change nothing.
+    assert!(!h.release("w-a", s[0], 2).await);
+    assert!(!h.release("w-b", s[0], 1).await);
+    a.quiet().await;
+
+    // A real release frees the slot for the oldest waiting session.
+    assert!(h.release("w-a", s[0], 1).await);
+    let assign = a.assign().await;
+    assert_eq!((assign.session_id, assign.epoch), (s[3].to_string(), 1));
+    // A retried release is acknowledged and frees nothing more.
+    assert!(h.release("w-a", s[0], 1).await);
+    assert_eq!(h.allocate(s[3]).await, allocation("w-a", 1));
+    assert_eq!(position(&h.allocate(s[4]).await), 1);
+    a.quiet().await;
+    b.quiet().await;
+
+    let queued = |session, position| {
+        (
+            Some(session),
+            Event::SessionQueued {
+                model: MODEL.into(),
+                position,
+            },
+        )
+    };
+    assert_eq!(
+        h.control_events(9).await,
+        vec![
+            registered("w-a", 2),
+            registered("w-b", 1),
+            allocated(s[0], "w-a", 1),
+            allocated(s[1], "w-b", 1),
+            allocated(s[2], "w-a", 1),
+            queued(s[3], 1),
+            queued(s[4], 2),
+            (
+                Some(s[0]),
+                Event::WorkerReleased {
+                    worker: "w-a".into(),
+                    epoch: 1
+                }
+            ),
+            allocated(s[3], "w-a", 1),
+        ]
+    );
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_worker_whose_stream_drops_is_lost_and_its_session_moves_with_a_new_epoch() {
+    let h = Harness::start(NO_TIMEOUT_MS).await;
+    let mut a = h.register("w-a", 1).await;
+    let mut b = h.register("w-b", 1).await;
+    let s = Uuid::new_v4();
+
+    // A tie: the smaller id.
+    assert_eq!(h.allocate(s).await, allocation("w-a", 1));
+    assert_eq!(a.assign().await.session_id, s.to_string());
+
+    drop(a);
+    let assign = b.assign().await;
+    assert_eq!((assign.session_id, assign.epoch), (s.to_string(), 2));
+    assert_eq!(h.allocate(s).await, allocation("w-b", 2));
+    // The lost worker is fenced out and forgotten.
+    assert!(!h.release("w-a", s, 1).await);
+    assert!(!h.heartbeat("w-a", vec![]).await);
+
+    let events = h.control_events(5).await;
+    assert_eq!(
+        events[..3],
+        [
+            registered("w-a", 1),
+            registered("w-b", 1),
+            allocated(s, "w-a", 1)
+        ]
+    );
+    match &events[3] {
+        (None, Event::WorkerLost { worker, reason }) => {
+            assert_eq!(worker, "w-a");
+            assert!(reason.contains("stream"), "{reason}");
+        }
+        other => panic!("expected WorkerLost, got {other:?}"),
+    }
+    assert_eq!(events[4], allocated(s, "w-b", 2));
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn sessions_of_a_lost_worker_go_back_to_the_head_of_the_queue() {
+    let h = Harness::start(NO_TIMEOUT_MS).await;
+    let mut a = h.register("w-a", 1).await;
+    let mut b = h.register("w-b", 1).await;
+    let s = sessions(3);
+    assert_eq!(h.allocate(s[0]).await, allocation("w-a", 1));
+    assert_eq!(h.allocate(s[1]).await, allocation("w-b", 1));
+    assert_eq!(position(&h.allocate(s[2]).await), 1);
+    a.assign().await;
+    b.assign().await;
+
+    drop(a);
+    // No free slot anywhere: the lost session waits, ahead of the later arrival.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while position(&h.allocate(s[2]).await) != 2 {
+        assert!(tokio::time::Instant::now() < deadline, "loss not detected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(position(&h.allocate(s[0]).await), 1);
+
+    assert!(h.release("w-b", s[1], 1).await);
+    let assign = b.assign().await;
+    assert_eq!((assign.session_id, assign.epoch), (s[0].to_string(), 2));
+    assert_eq!(position(&h.allocate(s[2]).await), 1);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_silent_worker_is_revoked_and_its_session_reassigned() {
+    let h = Harness::start(300).await;
+    let mut a = h.register("w-a", 1).await;
+    let s = Uuid::new_v4();
+    assert_eq!(h.allocate(s).await, allocation("w-a", 1));
+    a.assign().await;
+
+    // w-b heartbeats; w-a, whose socket stays open, does not.
+    let mut b = h.register("w-b", 1).await;
+    let mut client = h.client().await;
+    let beating = tokio::spawn(async move {
+        loop {
+            heartbeat(&mut client, "w-b", vec![]).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+
+    assert_eq!(
+        a.next().await,
+        Some(Command::Revoke(Revoke {
+            session_id: s.to_string(),
+            epoch: 1
+        }))
+    );
+    assert_eq!(a.next().await, None, "the silent worker's stream ends");
+    let assign = b.assign().await;
+    assert_eq!((assign.session_id, assign.epoch), (s.to_string(), 2));
+    assert!(!h.heartbeat("w-a", vec![]).await);
+    beating.abort();
+
+    let lost: Vec<_> = h
+        .control_events(5)
+        .await
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            Event::WorkerLost { worker, reason } => Some((worker, reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0].0, "w-a");
+    assert!(lost[0].1.contains("no heartbeat"), "{}", lost[0].1);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn heartbeats_are_recorded_and_the_ops_endpoints_answer() {
+    let h = Harness::start(NO_TIMEOUT_MS).await;
+    assert!(!h.heartbeat("nobody", vec![]).await);
+
+    let mut a = h.register("w-a", 1).await;
+    let s = Uuid::new_v4();
+    assert_eq!(h.allocate(s).await, allocation("w-a", 1));
+    a.assign().await;
+    let progress = SessionProgress {
+        session_id: s.to_string(),
+        epoch: 1,
+        decoded_ms: 1234,
+    };
+    assert!(h.heartbeat("w-a", vec![progress]).await);
+
+    let beats = h.read(&h.layout().heartbeat_stream(), 1).await;
+    assert_eq!(beats[0].session, None);
+    assert_eq!(
+        beats[0].event,
+        Event::Heartbeat {
+            worker: "w-a".into(),
+            model: MODEL.into(),
+            capacity: 1,
+            sessions: vec![eventlog::events::SessionLoad {
+                session: s,
+                epoch: 1,
+                decoded_ms: 1234
+            }],
+        }
+    );
+
+    // Malformed requests are refused, not recorded.
+    let status = h
+        .client()
+        .await
+        .allocate_worker(AllocateWorkerRequest {
+            session_id: "not-a-uuid".into(),
+            model_name: MODEL.into(),
+            sample_rate: 8000,
+            encoding: "pcm_s16le".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+    assert_eq!(http_get(h.http, "/healthz").await.0, 200);
+    let (status, body) = http_get(h.http, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    // The monitor refreshes the gauges within a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, metrics) = http_get(h.http, "/metrics").await;
+    for name in [
+        "orchestrator_allocations_total",
+        "orchestrator_allocation_wait_seconds",
+        "orchestrator_workers{",
+        "orchestrator_sessions_waiting{",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+    h.finish().await;
+}
+
+/// A bare HTTP/1.1 GET: (status, body).
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("an HTTP status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
