@@ -42,19 +42,19 @@ pub struct RecognizerArgs {
     )]
     pub vad_model: PathBuf,
     /// Sessions served at once (they share one loaded model).
-    #[arg(long, env = "ASR_CAPACITY", default_value_t = 1)]
+    #[arg(long, env = "ASR_RECOGNIZER_CAPACITY", default_value_t = 1)]
     pub capacity: u32,
     /// Decoder threads. Fixed, which also keeps decoding deterministic.
-    #[arg(long, env = "ASR_THREADS", default_value_t = 2)]
+    #[arg(long, env = "ASR_RECOGNIZER_THREADS", default_value_t = 2)]
     pub threads: u16,
     /// How often the open segment is re-decoded for a partial (0 disables partials).
-    #[arg(long, env = "ASR_PARTIAL_INTERVAL_MS", default_value_t = 600)]
+    #[arg(long, env = "ASR_RECOGNIZER_PARTIAL_INTERVAL_MS", default_value_t = 600)]
     pub partial_interval_ms: u64,
     /// Heartbeat period towards the orchestrator.
     #[arg(long, env = "ASR_HEARTBEAT_INTERVAL_MS", default_value_t = 200)]
     pub heartbeat_interval_ms: u64,
     /// Where /metrics, /healthz and /readyz are served (port 0: any free port).
-    #[arg(long, env = "ASR_HTTP_ADDR", default_value = "127.0.0.1:0")]
+    #[arg(long, env = "ASR_RECOGNIZER_HTTP_ADDR", default_value = "127.0.0.1:0")]
     pub http_addr: SocketAddr,
     #[command(flatten)]
     pub shared: SharedArgs,

@@ -1,0 +1,189 @@
+//! `asr-bench`: benchmarks of the real system, as commands (never run by the test
+//! suite). Each starts its own system (separate processes of the release `asr` binary
+//! next to this one) in a fresh namespace and prints a Markdown table for
+//! docs/BENCHMARKS.md.
+//!
+//! `asr-bench pipeline --sessions 1,4,8`: for N concurrent sessions streaming real
+//! speech at real-time pace, the time from the frame carrying a segment's last audio
+//! being sent to its final arriving, beside the same model decoding the same segments
+//! in-process (no VAD wait, no broker, no network), as a ratio; the model's real-time
+//! factor; and the chunk acknowledgement latency (client send → broker-confirmed ack).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use client::{Outcome, StreamOptions};
+use recognizer::engine::Recognizer;
+use recognizer::engine::sherpa::WhisperModel;
+use testkit::system::{System, SystemConfig};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Final-result latency through the pipeline vs in-process decoding.
+    Pipeline {
+        /// Concurrency levels to measure, one system run each.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+        sessions: Vec<usize>,
+        /// Recognizer processes; their capacity is sized so every session has a slot.
+        #[arg(long, default_value_t = 2)]
+        recognizers: usize,
+        /// Decoder threads per recognizer (and for the in-process baseline).
+        #[arg(long, default_value_t = 1)]
+        threads: u16,
+        /// Times each session streams the conversation.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
+}
+
+const SENTENCES: &[&str] = &[
+    "there is a fire in the kitchen and the smoke is getting thicker",
+    "please send an ambulance to the main street",
+    "my father fell down the stairs and he cannot move his leg",
+    "the children are safe at home now",
+];
+
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * (values.len() - 1) as f64).round() as usize;
+    values[rank]
+}
+
+fn model_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.runtime/models/whisper-tiny.en"))
+}
+
+fn asr_binary() -> anyhow::Result<PathBuf> {
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("binary folder")?
+        .join("asr");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --release --bin asr`",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Pipeline {
+            sessions,
+            recognizers,
+            threads,
+            rounds,
+        } => pipeline(&sessions, recognizers, threads, rounds).await,
+    }
+}
+
+async fn pipeline(
+    levels: &[usize],
+    recognizers: usize,
+    threads: u16,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let bin = asr_binary()?;
+    eprintln!("synthesising speech…");
+    let recording = testkit::speech::sentences(SENTENCES, 1200);
+    println!(
+        "| sessions | finals | pipeline final latency p50 / p99 (s) | in-process decode p50 / p99 (s) | ratio p50 / p99 | model RTF p50 | chunk ack p50 / p99 (ms) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for &level in levels {
+        let capacity = level.div_ceil(recognizers).max(1);
+        let system = System::start(
+            &bin,
+            SystemConfig {
+                recognizers,
+                env: vec![
+                    ("ASR_RECOGNIZER_CAPACITY".into(), capacity.to_string()),
+                    ("ASR_RECOGNIZER_THREADS".into(), threads.to_string()),
+                    ("RUST_LOG".into(), "warn".into()),
+                ],
+                ..SystemConfig::default()
+            },
+        )
+        .await;
+        eprintln!("{level} sessions × {rounds} rounds of {:.1} s…", recording.duration_secs());
+        let mut outcomes: Vec<Outcome> = Vec::new();
+        for _ in 0..rounds {
+            let runs = (0..level).map(|i| {
+                let options = StreamOptions {
+                    url: system.ws_url(),
+                    speed: 1.0,
+                    ..StreamOptions::default()
+                };
+                let recording = &recording;
+                async move {
+                    // Stagger the starts so sessions do not decode in lockstep.
+                    tokio::time::sleep(Duration::from_millis(370 * i as u64)).await;
+                    client::stream(&options, recording, |_| {}).await
+                }
+            });
+            for result in futures::future::join_all(runs).await {
+                outcomes.push(result.with_context(|| system.all_logs())?);
+            }
+        }
+        system.stop().await;
+
+        let mut latency = Vec::new();
+        let mut acks = Vec::new();
+        let mut segments = Vec::new();
+        for outcome in &outcomes {
+            for fin in &outcome.finals {
+                let last = outcome.sent_at[outcome.frame_at(fin.segment.end_ms)];
+                latency.push(fin.at.saturating_duration_since(last).as_secs_f64());
+                segments.push((fin.segment.start_ms, fin.segment.end_ms));
+            }
+            for (sent, acked) in outcome.sent_at.iter().zip(&outcome.acked_at) {
+                if let Some(acked) = acked {
+                    acks.push(acked.saturating_duration_since(*sent).as_secs_f64() * 1000.0);
+                }
+            }
+        }
+        // The same segments, decoded in this process by the same model.
+        let mut model = WhisperModel::load(&model_dir(), threads)?;
+        let samples = testkit::speech::to_f32(&i16_samples(&recording.pcm));
+        let mut decode = Vec::new();
+        let mut rtf = Vec::new();
+        for (start_ms, end_ms) in &segments {
+            let range = (*start_ms as usize * 16)..(*end_ms as usize * 16).min(samples.len());
+            let started = Instant::now();
+            model.transcribe(&samples[range])?;
+            let seconds = started.elapsed().as_secs_f64();
+            decode.push(seconds);
+            rtf.push(seconds / ((end_ms - start_ms) as f64 / 1000.0));
+        }
+        let (l50, l99) = (percentile(&mut latency, 50.0), percentile(&mut latency, 99.0));
+        let (d50, d99) = (percentile(&mut decode, 50.0), percentile(&mut decode, 99.0));
+        println!(
+            "| {level} | {} | {l50:.3} / {l99:.3} | {d50:.3} / {d99:.3} | {:.2} / {:.2} | {:.3} | {:.2} / {:.2} |",
+            latency.len(),
+            l50 / d50,
+            l99 / d99,
+            percentile(&mut rtf, 50.0),
+            percentile(&mut acks, 50.0),
+            percentile(&mut acks, 99.0),
+        );
+    }
+    Ok(())
+}
+
+fn i16_samples(pcm: &[u8]) -> Vec<i16> {
+    pcm.chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
