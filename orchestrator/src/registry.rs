@@ -10,7 +10,7 @@
 //! | `{ns}:workers` | set | every registered worker id |
 //! | `{ns}:model:{model}:workers` | set | the registered workers of a model |
 //! | `{ns}:models` | set | every model seen (for queue and worker gauges) |
-//! | `{ns}:session:{id}` | hash | tenant, model, opened_at_ms, sample_rate, encoding, requested_at_ms, epoch, worker, state (waiting/assigned/done) |
+//! | `{ns}:session:{id}` | hash | tenant, model, opened_at_ms, sample_rate, encoding, requested_at_ms, queued_at_ms, epoch, worker, state (waiting/assigned/done) |
 //! | `{ns}:session:{id}:epoch` | counter | the session's last allocated epoch (INCR; the first is 1) |
 //! | `{ns}:queue:{model}` | list | waiting sessions, head = next to serve |
 //!
@@ -102,6 +102,8 @@ pub struct SessionRecord {
     /// When AllocateWorker first arrived (for the allocation-wait histogram and for
     /// ordering a lost worker's sessions).
     pub requested_at_ms: u64,
+    /// When it last joined the wait queue: its first request, or its worker's loss.
+    pub queued_at_ms: u64,
     /// The current (or last) assignment's epoch; 0 before the first.
     pub epoch: u64,
     /// The current (or last) assignment's worker.
@@ -284,11 +286,12 @@ impl Registry {
 
     /// Removes a worker and puts its unfinished sessions back at the head of their
     /// queue, `head_first` being the order of the pushes (see
-    /// [`crate::allocator::head_push_order`]).
+    /// [`crate::allocator::head_push_order`]), queued as of `now_ms`.
     pub async fn remove_worker(
         &self,
         worker: &WorkerRecord,
         head_first: &[SessionId],
+        now_ms: u64,
     ) -> Result<(), RegistryError> {
         let mut pipe = redis::pipe();
         pipe.atomic()
@@ -298,10 +301,12 @@ impl Registry {
             .srem(self.model_workers_key(&worker.model), &worker.id);
         let queue = self.queue_key(&worker.model);
         for &session in head_first {
-            pipe.hset(
+            pipe.hset_multiple(
                 self.session_key(session),
-                "state",
-                SessionState::Waiting.as_str(),
+                &[
+                    ("state", SessionState::Waiting.as_str().to_string()),
+                    ("queued_at_ms", now_ms.to_string()),
+                ],
             )
             .hdel(self.session_key(session), "worker")
             .lpush(&queue, session.to_string());
@@ -331,6 +336,7 @@ impl Registry {
                 encoding,
             },
             requested_at_ms: hash.number("requested_at_ms")?,
+            queued_at_ms: hash.number("queued_at_ms")?,
             epoch: hash.number("epoch")?,
             worker: hash.fields.get("worker").cloned(),
             state,
@@ -353,6 +359,7 @@ impl Registry {
                         encoding_name(session.format.encoding).to_string(),
                     ),
                     ("requested_at_ms", session.requested_at_ms.to_string()),
+                    ("queued_at_ms", session.queued_at_ms.to_string()),
                     ("epoch", session.epoch.to_string()),
                     ("state", SessionState::Waiting.as_str().to_string()),
                 ],

@@ -195,6 +195,7 @@ fn new_session(request: AllocateWorkerRequest) -> Result<SessionRecord, Status> 
     if request.sample_rate == 0 {
         return Err(Status::invalid_argument("sample_rate is 0"));
     }
+    let now = now_ms();
     Ok(SessionRecord {
         id,
         tenant: request.tenant,
@@ -204,7 +205,8 @@ fn new_session(request: AllocateWorkerRequest) -> Result<SessionRecord, Status> 
             sample_rate: request.sample_rate,
             encoding,
         },
-        requested_at_ms: now_ms(),
+        requested_at_ms: now,
+        queued_at_ms: now,
         epoch: 0,
         worker: None,
         state: SessionState::Waiting,
@@ -362,8 +364,8 @@ impl Inner {
         self.registry
             .commit_assignment(session, worker, epoch, load.state())
             .await?;
-        let waited_ms = now_ms().saturating_sub(session.requested_at_ms);
-        telemetry::allocation(waited_ms);
+        let waited_ms = now_ms().saturating_sub(session.queued_at_ms);
+        telemetry::allocation(waited_ms, epoch == 1);
         info!(session = %session.id, worker = %worker, epoch, waited_ms, "session assigned");
         let assign = api::Assign {
             session_id: session.id.to_string(),
@@ -416,7 +418,9 @@ impl Inner {
                 .map(|s| (s.id, s.requested_at_ms))
                 .collect(),
         );
-        self.registry.remove_worker(&worker, &order).await?;
+        self.registry
+            .remove_worker(&worker, &order, now_ms())
+            .await?;
         telemetry::worker_lost();
         warn!(worker = %worker.id, reason, sessions = unfinished.len(), "worker lost");
         // Dropping the connection after the revokes ends the stream once they are sent.

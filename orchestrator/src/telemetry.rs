@@ -9,10 +9,13 @@ const ALLOCATIONS: &str = "orchestrator_allocations_total";
 const WORKERS_LOST: &str = "orchestrator_workers_lost_total";
 const ALLOCATION_WAIT: &str = "orchestrator_allocation_wait_seconds";
 
-/// A session got a worker, `waited_ms` after it first asked.
-pub fn allocation(waited_ms: u64) {
-    metrics::counter!(ALLOCATIONS).increment(1);
-    metrics::histogram!(ALLOCATION_WAIT).record(waited_ms as f64 / 1000.0);
+/// A session got a worker, `waited_ms` after it joined the queue: on its first
+/// request (`first`), or when its previous worker was lost (a failover's wait).
+pub fn allocation(waited_ms: u64, first: bool) {
+    let assignment = if first { "first" } else { "reassignment" };
+    metrics::counter!(ALLOCATIONS, "assignment" => assignment).increment(1);
+    metrics::histogram!(ALLOCATION_WAIT, "assignment" => assignment)
+        .record(waited_ms as f64 / 1000.0);
 }
 
 pub fn worker_lost() {
