@@ -72,7 +72,10 @@ impl SharedArgs {
     pub fn to_env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("ASR_RABBITMQ_HOST", self.rabbitmq_host.clone()),
-            ("ASR_RABBITMQ_STREAM_PORT", self.rabbitmq_stream_port.to_string()),
+            (
+                "ASR_RABBITMQ_STREAM_PORT",
+                self.rabbitmq_stream_port.to_string(),
+            ),
             ("ASR_RABBITMQ_USER", self.rabbitmq_user.clone()),
             ("ASR_RABBITMQ_PASSWORD", self.rabbitmq_password.clone()),
             ("ASR_REDIS_URL", self.redis_url.clone()),
@@ -106,10 +109,19 @@ mod tests {
     /// same name, so parsing the pairs as flags must give back the same settings.
     #[test]
     fn env_round_trips_through_the_flags() {
-        let original = Cli::parse_from(["x", "--namespace=n1", "--partitions=3", "--redis-url=redis://h/2"]).shared;
+        let original = Cli::parse_from([
+            "x",
+            "--namespace=n1",
+            "--partitions=3",
+            "--redis-url=redis://h/2",
+        ])
+        .shared;
         let as_flags: Vec<String> = std::iter::once("x".to_string())
             .chain(original.to_env().into_iter().map(|(k, v)| {
-                let flag = k.trim_start_matches("ASR_").to_lowercase().replace('_', "-");
+                let flag = k
+                    .trim_start_matches("ASR_")
+                    .to_lowercase()
+                    .replace('_', "-");
                 format!("--{flag}={v}")
             }))
             .collect();
