@@ -97,8 +97,23 @@ impl AudioAppenders {
     /// Forgets a producer that failed, unless it was already replaced.
     pub async fn discard(&self, lease: &Lease) {
         let mut slot = self.slots[usize::from(lease.partition)].lock().await;
-        if slot.generation == lease.generation {
-            slot.appender = None;
+        if slot.generation == lease.generation
+            && let Some(appender) = slot.appender.take()
+        {
+            // Closed in the background: the broker may be slow to answer, and
+            // dropping an open producer blocks its thread until it does.
+            tokio::spawn(appender.close());
+        }
+    }
+
+    /// Closes every producer, once no session uses them any more. The client library
+    /// closes a producer that is dropped open by blocking on the broker, which hangs
+    /// if the runtime is shutting down: they must be closed explicitly first.
+    pub async fn close(&self) {
+        for slot in &self.slots {
+            if let Some(appender) = slot.lock().await.appender.take() {
+                appender.close().await;
+            }
         }
     }
 }

@@ -53,7 +53,7 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, permit: Option<OwnedSemap
         Some(_permit) => {
             let mut connection = Connection::new(node.clone(), &outbox);
             let end = connection.run(&mut stream).await;
-            connection.finish();
+            connection.finish(&end).await;
             match end {
                 End::Closed(error) => error,
                 End::Disconnected => return,
@@ -262,22 +262,7 @@ impl<'a> Connection<'a> {
         };
         match allocation {
             Ok(allocation) => actions.extend(self.session.on_allocation(allocation)),
-            Err(e) => {
-                // No worker will ever be asked for this session: say so in the log,
-                // so that readers do not wait for it.
-                let closed = Envelope {
-                    session: Some(session),
-                    at_ms: eventlog::now_ms(),
-                    producer: node.node_id.clone(),
-                    event: Event::SessionClosed {
-                        reason: "orchestrator_unavailable".into(),
-                    },
-                };
-                if let Ok(pending) = lease.appender.append(&closed).await {
-                    let _ = confirmed(lease.appender.stream(), pending).await;
-                }
-                actions.extend(self.session.fail(SessionError::OrchestratorUnavailable(e)));
-            }
+            Err(e) => actions.extend(self.session.fail(SessionError::OrchestratorUnavailable(e))),
         }
         actions
     }
@@ -358,12 +343,34 @@ impl<'a> Connection<'a> {
     }
 
     /// Stops the session's background work; unconfirmed appends are dropped unacked.
-    fn finish(&mut self) {
+    /// A session that ends without completing is marked closed in the log, so that
+    /// its worker stops waiting for audio (until resume exists, nothing can continue
+    /// it).
+    async fn finish(&mut self, end: &End) {
         if let Some(task) = self.results_task.take() {
             task.abort();
         }
-        if self.opened {
-            metrics::session_gone();
+        if !self.opened {
+            return;
+        }
+        metrics::session_gone();
+        let reason = match end {
+            End::Closed(None) | End::Closed(Some(SessionError::BrokerUnavailable(_))) => return,
+            End::Closed(Some(error)) => error.code(),
+            End::Disconnected => "client_disconnected",
+        };
+        let Some(lease) = &self.lease else { return };
+        let closed = Envelope {
+            session: Some(self.session.id()),
+            at_ms: eventlog::now_ms(),
+            producer: self.node.node_id.clone(),
+            event: Event::SessionClosed {
+                reason: reason.into(),
+            },
+        };
+        // Best effort: when the broker is what failed, this fails too.
+        if let Ok(pending) = lease.appender.append(&closed).await {
+            let _ = confirmed(lease.appender.stream(), pending).await;
         }
     }
 }

@@ -25,6 +25,8 @@ use crate::connection;
 use crate::session::SessionConfig;
 
 const ORCHESTRATOR_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a stopping node waits for its sessions to close.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -155,11 +157,18 @@ pub async fn serve(
         })
         .into_future();
     tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => return result.map_err(ServeError::Http),
+    let served = tokio::select! {
+        result = &mut server => result,
         () = shutdown => {
             let _ = stop.send(true);
+            server.await
         }
-    }
-    server.await.map_err(ServeError::Http)
+    };
+    // The HTTP server does not track upgraded sockets: wait for the sessions to close
+    // (each does within seconds of the stop signal) before closing their producers.
+    let _ = stop.send(true);
+    let all = u32::try_from(node.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, node.connections.acquire_many(all)).await;
+    node.appenders.close().await;
+    served.map_err(ServeError::Http)
 }

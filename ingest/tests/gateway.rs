@@ -1,0 +1,530 @@
+//! The gateway against a real RabbitMQ: acknowledgements only for chunks that are in
+//! the stream, only accepted results reach the client, and every refusal carries its
+//! documented error and close code while other sessions on the node keep working.
+//!
+//! The orchestrator is a tiny in-test tonic server answering AllocateWorker, and the
+//! test itself plays the recognizer by appending result events. That is enough here:
+//! these tests are about ingest's side of the pipeline, not about allocation or
+//! decoding (those have their own tests).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use eventlog::log::{Appender, ReadFrom, StreamLog};
+use eventlog::streams::StreamLayout;
+use eventlog::{Envelope, Event, SessionId};
+use futures::{SinkExt, StreamExt};
+use ingest::IngestArgs;
+use orchestrator::api::worker_manager_server::{WorkerManager, WorkerManagerServer};
+use orchestrator::api::{
+    AllocateWorkerRequest, AllocateWorkerResponse, Queued, RegisterWorkerRequest,
+    ReleaseWorkerRequest, ReleaseWorkerResponse, SendHeartbeatRequest, SendHeartbeatResponse,
+    WorkerCommand, allocate_worker_response::Outcome,
+};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const MODEL: &str = "whisper-tiny.en";
+const MAX_FRAME_BYTES: usize = 4096;
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Answers every AllocateWorker with "queued, position 1" and remembers the requests.
+#[derive(Clone, Default)]
+struct FakeOrchestrator {
+    requests: Arc<Mutex<Vec<AllocateWorkerRequest>>>,
+}
+
+#[tonic::async_trait]
+impl WorkerManager for FakeOrchestrator {
+    async fn allocate_worker(
+        &self,
+        request: Request<AllocateWorkerRequest>,
+    ) -> Result<Response<AllocateWorkerResponse>, Status> {
+        self.requests.lock().unwrap().push(request.into_inner());
+        Ok(Response::new(AllocateWorkerResponse {
+            outcome: Some(Outcome::Queued(Queued {
+                position: 1,
+                reason: "no idle worker".into(),
+            })),
+        }))
+    }
+
+    type RegisterWorkerStream = futures::stream::BoxStream<'static, Result<WorkerCommand, Status>>;
+
+    async fn register_worker(
+        &self,
+        _: Request<RegisterWorkerRequest>,
+    ) -> Result<Response<Self::RegisterWorkerStream>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
+
+    async fn send_heartbeat(
+        &self,
+        _: Request<SendHeartbeatRequest>,
+    ) -> Result<Response<SendHeartbeatResponse>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
+
+    async fn release_worker(
+        &self,
+        _: Request<ReleaseWorkerRequest>,
+    ) -> Result<Response<ReleaseWorkerResponse>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    ingest: IngestArgs,
+}
+
+/// An ingest node on an ephemeral port with its own namespace, streams and fake
+/// orchestrator.
+struct Harness {
+    addr: SocketAddr,
+    log: StreamLog,
+    layout: StreamLayout,
+    orchestrator: FakeOrchestrator,
+    stop: Option<oneshot::Sender<()>>,
+    node: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        let orchestrator = FakeOrchestrator::default();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_addr = grpc.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(WorkerManagerServer::new(orchestrator.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc)),
+        );
+
+        let namespace = format!("t-{}", Uuid::new_v4());
+        let args = Cli::parse_from([
+            "ingest",
+            "--namespace",
+            &namespace,
+            "--partitions",
+            "2",
+            "--orchestrator-url",
+            &format!("http://{grpc_addr}"),
+            "--max-frame-bytes",
+            &MAX_FRAME_BYTES.to_string(),
+            "--ping-interval-secs",
+            "1",
+        ])
+        .ingest;
+        let layout = args.shared.layout();
+        let log = StreamLog::connect(&args.shared.log_config()).await.unwrap();
+        log.ensure_streams(&layout.all_streams()).await.unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let node = tokio::spawn(async move {
+            ingest::serve(listener, args, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("ingest serves");
+        });
+        Self {
+            addr,
+            log,
+            layout,
+            orchestrator,
+            stop: Some(stop),
+            node,
+        }
+    }
+
+    async fn connect(&self) -> Ws {
+        let url = format!("ws://{}/v1/stream", self.addr);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match connect_async(&url).await {
+                Ok((ws, _)) => return ws,
+                Err(e) if tokio::time::Instant::now() > deadline => panic!("connect: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Connects and opens a session; returns its id.
+    async fn open(&self) -> (Ws, SessionId) {
+        let mut ws = self.connect().await;
+        send(&mut ws, open_message(MODEL, 16000, "pcm_s16le")).await;
+        let opened = next_json(&mut ws).await;
+        assert_eq!(opened["type"], "opened", "{opened}");
+        assert_eq!(opened["limits"]["max_frame_bytes"], MAX_FRAME_BYTES);
+        let id = Uuid::parse_str(opened["session_id"].as_str().unwrap()).unwrap();
+        assert_eq!(id.get_version_num(), 4);
+        let queued = next_json(&mut ws).await;
+        assert_eq!(queued, json!({"type": "queued", "position": 1}));
+        (ws, id)
+    }
+
+    /// A plain HTTP/1.1 GET; the whole response as text.
+    async fn http_get(&self, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = TcpStream::connect(self.addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: ingest\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    /// A producer playing the recognizer on the session's results partition.
+    async fn recognizer(&self, session: SessionId) -> Appender {
+        self.log
+            .appender(
+                &self.layout.results_stream(session),
+                &format!("test-recognizer-{session}"),
+                true,
+                4096,
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(WAIT, &mut self.node)
+            .await
+            .expect("ingest stops")
+            .unwrap();
+        self.log.delete_streams(&self.layout.all_streams()).await;
+    }
+}
+
+fn open_message(model: &str, rate: u32, encoding: &str) -> Value {
+    json!({"type": "open", "model": model, "sample_rate": rate, "encoding": encoding})
+}
+
+fn audio(seq: u64, samples: usize) -> Vec<u8> {
+    let mut frame = seq.to_le_bytes().to_vec();
+    frame
+        .extend((0..samples).flat_map(|i| ((i as i16).wrapping_mul(7) ^ seq as i16).to_le_bytes()));
+    frame
+}
+
+async fn send(ws: &mut Ws, message: Value) {
+    ws.send(Message::Text(message.to_string().into()))
+        .await
+        .unwrap();
+}
+
+async fn send_audio(ws: &mut Ws, frame: Vec<u8>) {
+    ws.send(Message::Binary(frame.into())).await.unwrap();
+}
+
+/// The next text frame as JSON (pings are answered by tungstenite on the way).
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("the connection is open")
+            .expect("a frame");
+        match message {
+            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// The close frame's code, skipping pings.
+async fn close_code(ws: &mut Ws) -> u16 {
+    loop {
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a close in time")
+            .expect("a close frame before the end")
+            .expect("a frame");
+        match message {
+            Message::Close(Some(frame)) => return frame.code.into(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads until an `error`, checks its code, then the close code.
+async fn expect_refusal(ws: &mut Ws, code: &str, close: u16) {
+    loop {
+        let message = next_json(ws).await;
+        if message["type"] == "error" {
+            assert_eq!(message["code"], code, "{message}");
+            assert!(message["message"].as_str().is_some_and(|m| !m.is_empty()));
+            break;
+        }
+    }
+    assert_eq!(close_code(ws).await, close, "close code for {code}");
+}
+
+async fn append(recognizer: &Appender, session: SessionId, event: Event) {
+    let envelope = Envelope {
+        session: Some(session),
+        at_ms: eventlog::now_ms(),
+        producer: "test-recognizer".into(),
+        event,
+    };
+    recognizer.append_confirmed(&envelope).await.unwrap();
+}
+
+fn final_event(epoch: u64, segment: u32, text: &str) -> Event {
+    Event::Final {
+        epoch,
+        segment,
+        text: text.into(),
+        start_ms: u64::from(segment) * 1000,
+        end_ms: u64::from(segment) * 1000 + 900,
+    }
+}
+
+/// The session's events on its audio partition, read until `until` matches one.
+async fn read_audio(
+    h: &Harness,
+    session: SessionId,
+    until: impl Fn(&Event) -> bool,
+) -> Vec<Envelope> {
+    let stream = h.layout.audio_stream(session);
+    let mut reader = h
+        .log
+        .reader(&stream, ReadFrom::Start, Some(session))
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while let Some(record) = reader.next().await {
+            let envelope = record.unwrap().envelope;
+            let done = until(&envelope.event);
+            events.push(envelope);
+            if done {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the session's events are in the stream");
+    reader.close().await;
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_gets_acks_for_stored_chunks_and_only_accepted_results() {
+    let h = Harness::start().await;
+    let (mut ws, session) = h.open().await;
+
+    let allocations = h.orchestrator.requests.lock().unwrap().clone();
+    assert_eq!(allocations.len(), 1);
+    let request = &allocations[0];
+    assert_eq!(request.session_id, session.to_string());
+    assert_eq!(request.model_name, MODEL);
+    assert_eq!(request.tenant, "local");
+    assert_eq!(request.sample_rate, 16000);
+    assert_eq!(request.encoding, "pcm_s16le");
+
+    let frames: Vec<Vec<u8>> = (0..5).map(|seq| audio(seq, 320)).collect();
+    for frame in &frames {
+        send_audio(&mut ws, frame.clone()).await;
+    }
+    for seq in 0..5u64 {
+        assert_eq!(next_json(&mut ws).await, json!({"type": "ack", "seq": seq}));
+    }
+
+    // Every acknowledged chunk is in the stream, exactly once, with the client's bytes.
+    let stored = read_audio(
+        &h,
+        session,
+        |e| matches!(e, Event::AudioChunk(c) if c.seq == 4),
+    )
+    .await;
+    match &stored[0].event {
+        Event::SessionOpened {
+            tenant,
+            model,
+            format,
+        } => {
+            assert_eq!((tenant.as_str(), model.as_str()), ("local", MODEL));
+            assert_eq!(format.sample_rate, 16000);
+            assert_eq!(stored[0].at_ms, request.opened_at_ms);
+        }
+        other => panic!("the session starts with SessionOpened, not {other:?}"),
+    }
+    let chunks: Vec<_> = stored
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::AudioChunk(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        chunks.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4]
+    );
+    for chunk in &chunks {
+        assert_eq!(&chunk.bytes[..], &frames[chunk.seq as usize][8..]);
+    }
+
+    let recognizer = h.recognizer(session).await;
+    append(
+        &recognizer,
+        session,
+        Event::EpochStarted {
+            epoch: 1,
+            worker: "w1".into(),
+        },
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await, json!({"type": "started"}));
+    let partial = Event::Partial {
+        epoch: 1,
+        segment: 0,
+        text: "hel".into(),
+        start_ms: 0,
+        end_ms: 500,
+    };
+    append(&recognizer, session, partial).await;
+    append(&recognizer, session, final_event(1, 0, "hello")).await;
+    append(&recognizer, session, final_event(1, 0, "hello again")).await; // duplicate
+    append(
+        &recognizer,
+        session,
+        Event::EpochStarted {
+            epoch: 2,
+            worker: "w2".into(),
+        },
+    )
+    .await;
+    append(&recognizer, session, final_event(1, 1, "zombie")).await; // stale epoch
+    append(&recognizer, session, final_event(2, 1, "world")).await;
+
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "partial", "segment": 0, "text": "hel", "start_ms": 0, "end_ms": 500})
+    );
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "final", "segment": 0, "text": "hello", "start_ms": 0, "end_ms": 900})
+    );
+    // Neither the duplicate nor the zombie's final comes between these two.
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "final", "segment": 1, "text": "world", "start_ms": 1000, "end_ms": 1900})
+    );
+
+    send(&mut ws, json!({"type": "end"})).await;
+    let stored = read_audio(&h, session, |e| matches!(e, Event::EndOfStream { .. })).await;
+    assert!(matches!(
+        stored.last().unwrap().event,
+        Event::EndOfStream { last_seq: Some(4) }
+    ));
+    append(
+        &recognizer,
+        session,
+        Event::TranscriptCompleted {
+            epoch: 1,
+            segments: 2,
+        },
+    )
+    .await; // stale
+    append(
+        &recognizer,
+        session,
+        Event::TranscriptCompleted {
+            epoch: 2,
+            segments: 2,
+        },
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "completed", "segments": 2, "transcript": "hello world"})
+    );
+    assert_eq!(close_code(&mut ws).await, 1000);
+    recognizer.close().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_documented_codes_while_others_keep_working() {
+    let h = Harness::start().await;
+    let (mut healthy, _) = h.open().await;
+    send_audio(&mut healthy, audio(0, 160)).await;
+    assert_eq!(
+        next_json(&mut healthy).await,
+        json!({"type": "ack", "seq": 0})
+    );
+
+    let mut ws = h.connect().await;
+    ws.send(Message::Text("this is not json".into()))
+        .await
+        .unwrap();
+    expect_refusal(&mut ws, "invalid_json", 4000).await;
+
+    let mut ws = h.connect().await;
+    send(&mut ws, json!({"type": "resume", "session_id": "x"})).await;
+    expect_refusal(&mut ws, "unknown_message_type", 4001).await;
+
+    let mut ws = h.connect().await;
+    send(&mut ws, open_message("whisper-huge", 16000, "pcm_s16le")).await;
+    expect_refusal(&mut ws, "unknown_model", 4004).await;
+
+    let mut ws = h.connect().await;
+    send(&mut ws, open_message(MODEL, 48000, "pcm_s16le")).await;
+    expect_refusal(&mut ws, "unsupported_sample_rate", 4005).await;
+
+    let mut ws = h.connect().await;
+    send(&mut ws, open_message(MODEL, 16000, "pcm_f32le")).await;
+    expect_refusal(&mut ws, "unsupported_encoding", 4006).await;
+
+    let mut ws = h.connect().await;
+    send_audio(&mut ws, audio(0, 160)).await;
+    expect_refusal(&mut ws, "not_open", 4007).await;
+
+    let (mut ws, _) = h.open().await;
+    send_audio(&mut ws, audio(0, MAX_FRAME_BYTES)).await;
+    expect_refusal(&mut ws, "frame_too_large", 1009).await;
+
+    let (mut ws, _) = h.open().await;
+    send_audio(&mut ws, audio(1, 160)).await;
+    expect_refusal(&mut ws, "bad_sequence", 4009).await;
+
+    let (mut ws, _) = h.open().await;
+    send(&mut ws, json!({"type": "end"})).await;
+    send_audio(&mut ws, audio(0, 160)).await;
+    expect_refusal(&mut ws, "already_ended", 4008).await;
+
+    // The first session never noticed.
+    send_audio(&mut healthy, audio(1, 160)).await;
+    assert_eq!(
+        next_json(&mut healthy).await,
+        json!({"type": "ack", "seq": 1})
+    );
+    healthy.close(None).await.unwrap();
+
+    // The operator endpoints share the listener.
+    let ready = h.http_get("/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let metrics = h.http_get("/metrics").await;
+    for name in ["ingest_chunks_appended_total", "ingest_errors_total"] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    assert!(metrics.contains(r#"code="bad_sequence""#));
+
+    h.stop().await;
+}
