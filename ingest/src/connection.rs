@@ -116,7 +116,8 @@ impl<'a> Connection<'a> {
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
         loop {
-            let received = Instant::now();
+            // When the frame that led to an append arrived: the start of its ack latency.
+            let mut received = Instant::now();
             let (actions, result_at_ms) = tokio::select! {
                 () = stopping(&mut shutdown) => {
                     (self.session.fail(SessionError::ShuttingDown), None)
@@ -125,6 +126,7 @@ impl<'a> Connection<'a> {
                     (self.on_confirm(appended, received, outcome).await, None)
                 }
                 frame = stream.next() => {
+                    received = Instant::now();
                     idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                     match frame {
                         Some(Ok(Message::Text(text))) => (self.session.on_text(&text), None),
