@@ -248,7 +248,7 @@ impl StreamLog {
             stream: stream.into(),
             name: producer_name.into(),
             state: Arc::new(Mutex::new(AppenderState {
-                producer,
+                producer: Some(producer),
                 next_id: last + 1,
             })),
         })
@@ -294,8 +294,24 @@ fn batch_size_for(max_message_bytes: usize) -> usize {
 }
 
 struct AppenderState {
-    producer: Producer<Dedup>,
+    /// `None` only once closed.
+    producer: Option<Producer<Dedup>>,
     next_id: u64,
+}
+
+impl Drop for AppenderState {
+    fn drop(&mut self) {
+        // rabbitmq-stream-client closes a dropped producer by blocking the dropping
+        // thread on the broker's answer, which can hang a runtime. Close it on the
+        // runtime instead; services still close their appenders before shutting down.
+        if let Some(producer) = self.producer.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = producer.close().await;
+            });
+        }
+    }
 }
 
 /// A named producer on one stream. Cheap to clone; clones share the producer and its
@@ -382,8 +398,13 @@ impl Appender {
             .body(codec::encode(envelope).to_vec())
             .publishing_id(id)
             .build();
-        state
-            .producer
+        let Some(producer) = state.producer.as_mut() else {
+            return Err(LogError::Publish {
+                stream: self.stream.clone(),
+                message: "appender closed".into(),
+            });
+        };
+        producer
             .send(message, move |result| async move {
                 let outcome = match result {
                     Ok(status) if status.confirmed() => Ok(()),
@@ -406,8 +427,10 @@ impl Appender {
 
     /// Closes the producer (its connection to the broker).
     pub async fn close(self) {
-        if let Ok(state) = Arc::try_unwrap(self.state) {
-            let _ = state.into_inner().producer.close().await;
+        if let Ok(state) = Arc::try_unwrap(self.state)
+            && let Some(producer) = state.into_inner().producer.take()
+        {
+            let _ = producer.close().await;
         }
     }
 }
