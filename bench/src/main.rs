@@ -61,7 +61,10 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
 }
 
 fn model_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.runtime/models/whisper-tiny.en"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../.runtime/models/whisper-tiny.en"
+    ))
 }
 
 fn asr_binary() -> anyhow::Result<PathBuf> {
@@ -117,7 +120,10 @@ async fn pipeline(
             },
         )
         .await;
-        eprintln!("{level} sessions × {rounds} rounds of {:.1} s…", recording.duration_secs());
+        eprintln!(
+            "{level} sessions × {rounds} rounds of {:.1} s…",
+            recording.duration_secs()
+        );
         let mut outcomes: Vec<Outcome> = Vec::new();
         for _ in 0..rounds {
             let runs = (0..level).map(|i| {
@@ -167,7 +173,10 @@ async fn pipeline(
             decode.push(seconds);
             rtf.push(seconds / ((end_ms - start_ms) as f64 / 1000.0));
         }
-        let (l50, l99) = (percentile(&mut latency, 50.0), percentile(&mut latency, 99.0));
+        let (l50, l99) = (
+            percentile(&mut latency, 50.0),
+            percentile(&mut latency, 99.0),
+        );
         let (d50, d99) = (percentile(&mut decode, 50.0), percentile(&mut decode, 99.0));
         println!(
             "| {level} | {} | {l50:.3} / {l99:.3} | {d50:.3} / {d99:.3} | {:.2} / {:.2} | {:.3} | {:.2} / {:.2} |",

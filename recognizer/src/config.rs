@@ -48,7 +48,11 @@ pub struct RecognizerArgs {
     #[arg(long, env = "ASR_RECOGNIZER_THREADS", default_value_t = 2)]
     pub threads: u16,
     /// How often the open segment is re-decoded for a partial (0 disables partials).
-    #[arg(long, env = "ASR_RECOGNIZER_PARTIAL_INTERVAL_MS", default_value_t = 600)]
+    #[arg(
+        long,
+        env = "ASR_RECOGNIZER_PARTIAL_INTERVAL_MS",
+        default_value_t = 600
+    )]
     pub partial_interval_ms: u64,
     /// Heartbeat period towards the orchestrator.
     #[arg(long, env = "ASR_HEARTBEAT_INTERVAL_MS", default_value_t = 200)]
