@@ -8,6 +8,11 @@
 //! being sent to its final arriving, beside the same model decoding the same segments
 //! in-process (no VAD wait, no broker, no network), as a ratio; the model's real-time
 //! factor; and the chunk acknowledgement latency (client send → broker-confirmed ack).
+//!
+//! `asr-bench layout --sessions 200`: the stream layouts of ARCHITECTURE.md compared
+//! (see `layout`).
+
+mod layout;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -41,6 +46,16 @@ enum Command {
         /// Times each session streams the conversation.
         #[arg(long, default_value_t = 2)]
         rounds: usize,
+    },
+    /// Stream per session vs partitioned streams, through the project's log code.
+    Layout {
+        #[arg(long, default_value_t = 200)]
+        sessions: usize,
+        /// Seconds every session publishes.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 16)]
+        partitions: u16,
     },
 }
 
@@ -89,6 +104,11 @@ async fn main() -> anyhow::Result<()> {
             threads,
             rounds,
         } => pipeline(&sessions, recognizers, threads, rounds).await,
+        Command::Layout {
+            sessions,
+            seconds,
+            partitions,
+        } => layout::run(sessions, seconds, partitions).await,
     }
 }
 

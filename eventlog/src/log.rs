@@ -282,6 +282,7 @@ impl StreamLog {
             stream: stream.into(),
             session,
             consumer: Some(consumer),
+            skipped: 0,
         })
     }
 }
@@ -447,6 +448,8 @@ pub struct Reader {
     stream: String,
     session: Option<SessionId>,
     consumer: Option<Consumer>,
+    /// Messages of other sessions the broker's filter let through.
+    skipped: u64,
 }
 
 impl Reader {
@@ -470,6 +473,7 @@ impl Reader {
             if let Some(wanted) = self.session
                 && codec::peek_session(data) != Some(wanted)
             {
+                self.skipped += 1;
                 continue;
             }
             return Some(
@@ -482,6 +486,12 @@ impl Reader {
                     }),
             );
         }
+    }
+
+    /// Messages of other sessions received and dropped so far: the read amplification
+    /// of following one session on a shared partition.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
     }
 
     /// Closes the consumer and its connection.
