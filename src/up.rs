@@ -38,7 +38,7 @@ pub struct UpArgs {
         default_value = "127.0.0.1:9101"
     )]
     orchestrator_http_addr: SocketAddr,
-    /// Recognizer i serves its metrics/health on this port + i.
+    /// The first recognizer serves its metrics/health on this port, the next on port + 1, ….
     #[arg(long, env = "ASR_RECOGNIZER_BASE_PORT", default_value_t = 9201)]
     recognizer_base_port: u16,
     #[command(flatten)]

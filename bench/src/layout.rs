@@ -85,7 +85,10 @@ async fn measure(
             .collect();
         log.ensure_streams(&streams).await?;
         for (p, stream) in streams.iter().enumerate() {
-            shared.push(log.appender(stream, &format!("{prefix}.p{p}"), true, 1024).await?);
+            shared.push(
+                log.appender(stream, &format!("{prefix}.p{p}"), true, 1024)
+                    .await?,
+            );
         }
     }
 
@@ -193,7 +196,9 @@ async fn measure(
     let streams: Vec<String> = if per_session {
         (0..sessions).map(stream_of).collect()
     } else {
-        (0..partitions).map(|p| format!("{prefix}.audio.{p}")).collect()
+        (0..partitions)
+            .map(|p| format!("{prefix}.audio.{p}"))
+            .collect()
     };
     log.delete_streams(&streams).await;
 

@@ -16,8 +16,10 @@ pub struct SharedArgs {
     /// RabbitMQ stream protocol port.
     #[arg(long, env = "ASR_RABBITMQ_STREAM_PORT", default_value_t = 5552)]
     pub rabbitmq_stream_port: u16,
+    /// RabbitMQ user.
     #[arg(long, env = "ASR_RABBITMQ_USER", default_value = "guest")]
     pub rabbitmq_user: String,
+    /// RabbitMQ password (never logged).
     #[arg(
         long,
         env = "ASR_RABBITMQ_PASSWORD",
