@@ -127,7 +127,9 @@ pub async fn stream(
     };
 
     // The first message is `opened` (or the refusal): no audio before it.
-    match next_message(&mut source).await? {
+    let first = next_message(&mut source).await?;
+    on_message(&first);
+    match first {
         ServerMessage::Opened { session_id, .. } => outcome.session_id = session_id,
         ServerMessage::Error { code, message } => {
             return Err(ClientError::Server {
