@@ -173,6 +173,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     observability::install_metrics();
+    arm_failpoints()?;
     let layout = args.shared.layout();
 
     let started = Instant::now();
@@ -250,6 +251,33 @@ pub async fn run(
         .collect();
     for appender in appenders {
         appender.close().await;
+    }
+    Ok(())
+}
+
+/// Arms the failpoints that the `FAILPOINTS` environment variable names
+/// (`name=actions;…`, the fail crate's syntax), when the `failpoints` feature compiled
+/// them in; without it the variable is ignored. Tests use this to stop a recognizer
+/// process at an exact point of a session (see `session::stop_point`).
+fn arm_failpoints() -> anyhow::Result<()> {
+    let Ok(spec) = std::env::var("FAILPOINTS") else {
+        return Ok(());
+    };
+    if !fail::has_failpoints() {
+        warn!(%spec, "FAILPOINTS ignored: built without the failpoints feature");
+        return Ok(());
+    }
+    for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, actions) = entry
+            .split_once('=')
+            .with_context(|| format!("FAILPOINTS entry {entry:?} is not name=actions"))?;
+        fail::cfg(name.trim(), actions.trim())
+            .map_err(|e| anyhow::anyhow!("FAILPOINTS entry {entry:?}: {e}"))?;
+        info!(
+            failpoint = name.trim(),
+            actions = actions.trim(),
+            "failpoint armed"
+        );
     }
     Ok(())
 }

@@ -74,6 +74,30 @@ impl SessionError {
 type Decoder =
     Segmenter<crate::engine::sherpa::WhisperModel, crate::engine::sherpa::SileroVadFactory>;
 
+/// A named point where a test can stop this session (compiled in only with the
+/// `failpoints` feature; armed through `FAILPOINTS`, see [`super::arm_failpoints`]).
+/// The `return` action stops the session's task here for good: it logs
+/// `failpoint reached` and waits forever, while the rest of the process (heartbeats,
+/// the orchestrator stream) goes on, so the test can SIGKILL the process exactly at
+/// this point. The fail crate's other actions (`sleep`, `pause`, `panic`, `print`) do
+/// what they do anywhere; `off` counts evaluations, so `40*off->return` stops at the
+/// 41st time the point is reached.
+async fn stop_point(name: &'static str) {
+    if stops_at(name) {
+        warn!(
+            failpoint = name,
+            "failpoint reached: this session stops here"
+        );
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+fn stops_at(name: &'static str) -> bool {
+    fail::fail_point!(name, |_| true);
+    false
+}
+
 /// Runs `f` on the decoder on a blocking thread (decoding takes ~0.3 s of CPU).
 async fn on_decoder<T: Send + 'static>(
     decoder: &mut Option<Decoder>,
@@ -245,7 +269,7 @@ impl SessionRun {
         self.progress
             .store(samples_to_ms(decoder.position()), Ordering::Relaxed);
         if decoder.in_speech() {
-            fail::fail_point!("recognizer::mid_segment");
+            stop_point("recognizer::mid_segment").await;
             self.maybe_partial(appended_at_ms).await?;
         }
         Ok(())
@@ -334,7 +358,7 @@ impl SessionRun {
             metrics::histogram!("recognizer_result_latency_seconds").record(latency);
         }
         info!(session = %self.session(), epoch = self.a.epoch, segment = t.segment, start_ms = samples_to_ms(t.start_sample), end_ms = samples_to_ms(t.end_sample), text = %t.text, "final");
-        fail::fail_point!("recognizer::after_final_before_checkpoint");
+        stop_point("recognizer::after_final_before_checkpoint").await;
         Ok(())
     }
 
@@ -364,13 +388,13 @@ impl SessionRun {
         }
         self.chunks.forget_before(sample);
         debug!(session = %self.session(), ?checkpoint, "checkpoint saved");
-        fail::fail_point!("recognizer::after_checkpoint");
+        stop_point("recognizer::after_checkpoint").await;
         Ok(())
     }
 
     /// End of the session's audio: the remaining finals, then `TranscriptCompleted`.
     async fn complete(mut self) -> Result<u32, SessionError> {
-        fail::fail_point!("recognizer::end_of_stream");
+        stop_point("recognizer::end_of_stream").await;
         let events = on_decoder(&mut self.decoder, |d| d.finish()).await??;
         self.emit(events).await?;
         let segments = self
