@@ -2,6 +2,12 @@
 //! recognizers, each a separate OS process of the built `asr` binary, in a namespace
 //! of their own (stream names and Redis keys) and on free ports. Each process logs to
 //! a file, printed when a test fails to start the system.
+//!
+//! Failover tests SIGKILL a process by its role ([`System::kill`]), start fresh
+//! recognizers (waiting for their model: [`System::start_recognizer`], or not:
+//! [`System::spawn_recognizer`]) or restart a killed one under its old worker id
+//! ([`System::restart`]), and ask the
+//! orchestrator's registry which worker holds a session ([`System::assignment`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -33,11 +39,23 @@ impl Default for SystemConfig {
     }
 }
 
-/// One running process of the system.
+/// One process of the system (running, or killed: its log stays).
 pub struct Process {
     pub role: String,
     pub child: Child,
     pub log: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+/// Who holds a session, as the orchestrator's registry in Redis says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    /// The worker id (a recognizer's role name), while the session is assigned.
+    pub worker: Option<String>,
+    pub epoch: u64,
+    /// `waiting`, `assigned` or `done`.
+    pub state: String,
 }
 
 pub struct System {
@@ -110,6 +128,20 @@ impl System {
 
     /// Starts one more recognizer and waits until its model is loaded.
     pub async fn start_recognizer(&mut self, worker_id: &str) {
+        self.start_recognizer_with(worker_id, &[]).await;
+    }
+
+    /// [`start_recognizer`](Self::start_recognizer) with extra environment for this
+    /// process only (for instance `FAILPOINTS`).
+    pub async fn start_recognizer_with(&mut self, worker_id: &str, env: &[(&str, &str)]) {
+        let http = self.spawn_recognizer(worker_id, env);
+        self.wait_for_port(http, worker_id).await;
+    }
+
+    /// Starts one more recognizer and returns at once, with its ops HTTP port; it
+    /// registers with the orchestrator once its model is loaded (seconds). Failover
+    /// tests use this to bring capacity back without pausing the session they watch.
+    pub fn spawn_recognizer(&mut self, worker_id: &str, env: &[(&str, &str)]) -> u16 {
         let http = free_port();
         let args = [
             "recognizer".into(),
@@ -117,16 +149,94 @@ impl System {
             format!("--orchestrator-url={}", self.orchestrator_url()),
             format!("--http-addr=127.0.0.1:{http}"),
         ];
-        self.spawn(worker_id, &args);
-        self.wait_for_port(http, worker_id).await;
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.spawn_with(worker_id, &args, &env);
+        http
+    }
+
+    /// The OS process id of the role's running process.
+    pub fn pid_of(&self, role: &str) -> Option<u32> {
+        self.processes
+            .iter()
+            .rev()
+            .find(|p| p.role == role)
+            .and_then(|p| p.child.id())
+    }
+
+    /// SIGKILLs the role's running process and waits until it is gone; panics if the
+    /// role has no running process.
+    pub async fn kill(&mut self, role: &str) {
+        let process = self
+            .processes
+            .iter_mut()
+            .rev()
+            .find(|p| p.role == role && p.child.id().is_some())
+            .unwrap_or_else(|| panic!("no running process {role}"));
+        // tokio's kill is SIGKILL on Unix, then reaps the child.
+        process
+            .child
+            .kill()
+            .await
+            .unwrap_or_else(|e| panic!("SIGKILL {role}: {e}"));
+    }
+
+    /// Starts the role again (killing it first if it still runs) with the same
+    /// arguments and environment: the same worker id, a fresh process. Returns at once,
+    /// like [`spawn_recognizer`](Self::spawn_recognizer).
+    pub async fn restart(&mut self, role: &str) {
+        if self.pid_of(role).is_some() {
+            self.kill(role).await;
+        }
+        let last = self
+            .processes
+            .iter()
+            .rev()
+            .find(|p| p.role == role)
+            .unwrap_or_else(|| panic!("{role} never ran"));
+        let (args, env) = (last.args.clone(), last.env.clone());
+        self.spawn_with(role, &args, &env);
+    }
+
+    /// Which worker holds the session under which epoch, from the orchestrator's
+    /// registry; `None` before the orchestrator recorded the session.
+    pub async fn assignment(&self, session: uuid::Uuid) -> Option<Assignment> {
+        let client = redis::Client::open("redis://127.0.0.1:6379/0").expect("redis url");
+        let mut redis = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection");
+        let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(format!("{}:session:{session}", self.namespace))
+            .query_async(&mut redis)
+            .await
+            .expect("HGETALL session");
+        let epoch = fields.get("epoch")?.parse().ok()?;
+        Some(Assignment {
+            worker: fields.get("worker").cloned(),
+            epoch,
+            state: fields.get("state").cloned().unwrap_or_default(),
+        })
     }
 
     fn spawn(&mut self, role: &str, args: &[String]) {
-        let log = self.logs.join(format!("{role}.log"));
+        self.spawn_with(role, args, &[]);
+    }
+
+    fn spawn_with(&mut self, role: &str, args: &[String], env: &[(String, String)]) {
+        // One log per process: a restarted role writes a second file.
+        let n = self.processes.iter().filter(|p| p.role == role).count();
+        let name = match n {
+            0 => format!("{role}.log"),
+            n => format!("{role}.{n}.log"),
+        };
+        let log = self.logs.join(name);
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(&self.bin)
             .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(self.env.iter().chain(env).map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(file)
             .kill_on_drop(true)
@@ -136,6 +246,8 @@ impl System {
             role: role.into(),
             child,
             log,
+            args: args.to_vec(),
+            env: env.to_vec(),
         });
     }
 
@@ -148,6 +260,7 @@ impl System {
             let exited = self
                 .processes
                 .iter_mut()
+                .rev()
                 .find(|p| p.role == role)
                 .and_then(|p| p.child.try_wait().ok().flatten());
             if exited.is_some() || tokio::time::Instant::now() > deadline {
@@ -174,7 +287,10 @@ impl System {
     pub fn all_logs(&self) -> String {
         self.processes
             .iter()
-            .map(|p| format!("===== {} =====\n{}", p.role, self.log_of(&p.role)))
+            .map(|p| {
+                let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+                format!("===== {} ({}) =====\n{log}", p.role, p.log.display())
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
