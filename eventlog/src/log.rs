@@ -302,15 +302,33 @@ struct AppenderState {
 
 impl Drop for AppenderState {
     fn drop(&mut self) {
-        // rabbitmq-stream-client closes a dropped producer by blocking the dropping
-        // thread on the broker's answer, which can hang a runtime. Close it on the
-        // runtime instead; services still close their appenders before shutting down.
-        if let Some(producer) = self.producer.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
+        let unclosed = LeakIfUnclosed(self.producer.take());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let _ = producer.close().await;
+                let mut unclosed = unclosed;
+                if let Some(producer) = unclosed.0.take() {
+                    // Closing marks the producer closed on its first poll, so even if
+                    // this task is cancelled mid-close, its drop returns at once.
+                    let _ = producer.close().await;
+                }
             });
+        }
+    }
+}
+
+/// rabbitmq-stream-client closes a producer whose last reference is dropped by
+/// blocking the dropping thread on the broker's answer, which hangs a runtime that is
+/// shutting down (the connection's task is gone). A producer that was never closed is
+/// therefore leaked rather than dropped: when the close task above never runs (the
+/// runtime shut down first), or when there is no runtime at all.
+struct LeakIfUnclosed(Option<Producer<Dedup>>);
+
+impl Drop for LeakIfUnclosed {
+    fn drop(&mut self) {
+        if let Some(producer) = self.0.take()
+            && !producer.is_closed()
+        {
+            std::mem::forget(producer);
         }
     }
 }
