@@ -444,11 +444,11 @@ impl Appender {
         })
     }
 
-    /// Closes the producer (its connection to the broker).
+    /// Closes the producer (its connection to the broker), for every clone: appends
+    /// through any clone fail from now on.
     pub async fn close(self) {
-        if let Ok(state) = Arc::try_unwrap(self.state)
-            && let Some(producer) = state.into_inner().producer.take()
-        {
+        let producer = self.state.lock().await.producer.take();
+        if let Some(producer) = producer {
             let _ = producer.close().await;
         }
     }
