@@ -16,6 +16,15 @@ async fn log() -> StreamLog {
         .expect("RabbitMQ streams on localhost:5552 (run deploy/services.sh)")
 }
 
+/// A stream of the test's own (the caller deletes it).
+async fn fresh_stream(log: &StreamLog) -> String {
+    let stream = format!("t-{}.log", Uuid::new_v4());
+    log.ensure_streams(std::slice::from_ref(&stream))
+        .await
+        .unwrap();
+    stream
+}
+
 fn chunk(session: SessionId, seq: u64) -> Envelope {
     Envelope {
         session: Some(session),
@@ -62,10 +71,7 @@ fn seq_of(envelope: &Envelope) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn append_then_read_from_start_and_from_an_offset() {
     let log = log().await;
-    let stream = format!("t-{}.log", Uuid::new_v4());
-    log.ensure_streams(std::slice::from_ref(&stream))
-        .await
-        .unwrap();
+    let stream = fresh_stream(&log).await;
     let session = Uuid::new_v4();
     let appender = log
         .appender(&stream, "test-producer", true, 1024)
@@ -111,10 +117,7 @@ async fn append_then_read_from_start_and_from_an_offset() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_reader_sees_only_its_session_with_true_offsets() {
     let log = log().await;
-    let stream = format!("t-{}.log", Uuid::new_v4());
-    log.ensure_streams(std::slice::from_ref(&stream))
-        .await
-        .unwrap();
+    let stream = fresh_stream(&log).await;
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let appender = log.appender(&stream, "mixed", true, 1024).await.unwrap();
     for seq in 0..40 {
@@ -139,10 +142,7 @@ async fn a_session_reader_sees_only_its_session_with_true_offsets() {
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_drops_a_resent_publishing_id() {
     let log = log().await;
-    let stream = format!("t-{}.log", Uuid::new_v4());
-    log.ensure_streams(std::slice::from_ref(&stream))
-        .await
-        .unwrap();
+    let stream = fresh_stream(&log).await;
     let session = Uuid::new_v4();
 
     let first = log
