@@ -105,7 +105,7 @@ pub async fn stream(
     let open = ClientMessage::Open(OpenRequest {
         model: options.model.clone(),
         sample_rate: recording.format.sample_rate,
-        encoding: ingest::protocol::encoding_name(recording.format.encoding).into(),
+        encoding: recording.format.encoding.name().into(),
     });
     sink.send(Message::text(open.to_json()))
         .await

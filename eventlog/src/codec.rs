@@ -194,25 +194,34 @@ mod tests {
                 worker: "w".into(),
                 model: "m".into(),
                 epoch: 1,
+                token: 4,
             }),
             envelope(Event::SessionQueued {
                 model: "m".into(),
                 position: 2,
+                token: 4,
             }),
             envelope(Event::WorkerReleased {
                 worker: "w".into(),
                 epoch: 1,
+                token: 4,
             }),
         ];
         for event in [
+            Event::LeaderElected {
+                replica: "orchestrator-a".into(),
+                token: 4,
+            },
             Event::WorkerRegistered {
                 worker: "w".into(),
                 model: "m".into(),
                 capacity: 1,
+                token: 4,
             },
             Event::WorkerLost {
                 worker: "w".into(),
                 reason: "stream closed".into(),
+                token: 4,
             },
             Event::Heartbeat {
                 worker: "w".into(),
@@ -223,6 +232,7 @@ mod tests {
                     epoch: 1,
                     decoded_ms: 1500,
                 }],
+                token: 4,
             },
         ] {
             all.push(Envelope {

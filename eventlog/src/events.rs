@@ -24,6 +24,20 @@ pub enum AudioEncoding {
 }
 
 impl AudioEncoding {
+    /// The name used in events, on the gRPC API and in the client protocol.
+    pub fn name(self) -> &'static str {
+        match self {
+            AudioEncoding::PcmS16le => "pcm_s16le",
+            AudioEncoding::PcmF32le => "pcm_f32le",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [AudioEncoding::PcmS16le, AudioEncoding::PcmF32le]
+            .into_iter()
+            .find(|e| e.name() == name)
+    }
+
     pub fn bytes_per_sample(self) -> usize {
         match self {
             AudioEncoding::PcmS16le => 2,
@@ -115,36 +129,52 @@ pub enum Event {
         segments: u32,
     },
 
-    // --- control stream, written by the orchestrator ---
+    // --- control stream, written by the orchestrator leader ---
+    //
+    // Every control and heartbeat event carries the fencing token of the leader term
+    // that wrote it: consumers ignore a deposed leader's late events (see
+    // [`crate::control`]).
+    /// A replica won the leader lock; repeated now and then during the term, so the
+    /// latest token is always in the stream's recent past.
+    LeaderElected {
+        replica: String,
+        token: u64,
+    },
     WorkerRegistered {
         worker: String,
         model: String,
         capacity: u32,
+        token: u64,
     },
     WorkerAllocated {
         worker: String,
         model: String,
         epoch: u64,
+        token: u64,
     },
     SessionQueued {
         model: String,
         position: u32,
+        token: u64,
     },
     WorkerReleased {
         worker: String,
         epoch: u64,
+        token: u64,
     },
     WorkerLost {
         worker: String,
         reason: String,
+        token: u64,
     },
 
-    // --- heartbeat stream, written by the orchestrator on behalf of workers ---
+    // --- heartbeat stream, written by the orchestrator leader on behalf of workers ---
     Heartbeat {
         worker: String,
         model: String,
         capacity: u32,
         sessions: Vec<SessionLoad>,
+        token: u64,
     },
 }
 
@@ -160,5 +190,33 @@ impl Event {
             | Event::WorkerReleased { epoch, .. } => Some(*epoch),
             _ => None,
         }
+    }
+
+    /// The fencing token of the leader term that wrote a control or heartbeat event.
+    pub fn leader_token(&self) -> Option<u64> {
+        match self {
+            Event::LeaderElected { token, .. }
+            | Event::WorkerRegistered { token, .. }
+            | Event::WorkerAllocated { token, .. }
+            | Event::SessionQueued { token, .. }
+            | Event::WorkerReleased { token, .. }
+            | Event::WorkerLost { token, .. }
+            | Event::Heartbeat { token, .. } => Some(*token),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_names_match_the_serde_names() {
+        for encoding in [AudioEncoding::PcmS16le, AudioEncoding::PcmF32le] {
+            assert_eq!(serde_json::to_value(encoding).unwrap(), encoding.name());
+            assert_eq!(AudioEncoding::from_name(encoding.name()), Some(encoding));
+        }
+        assert_eq!(AudioEncoding::from_name("mp3"), None);
     }
 }

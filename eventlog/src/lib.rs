@@ -7,12 +7,14 @@
 //!   heartbeat streams) and which partition a session lives on;
 //! - [`results`]: the one rule deciding which result events count (epoch fencing and
 //!   per-segment deduplication), shared by every consumer;
+//! - [`control`]: which control events count (a deposed leader's late events do not);
 //! - [`checkpoint`]: the replay point and its Redis store;
 //! - [`log`]: append and read over RabbitMQ streams.
 
 pub mod checkpoint;
 pub mod codec;
 pub mod config;
+pub mod control;
 pub mod events;
 pub mod log;
 pub mod results;

@@ -15,13 +15,6 @@ pub struct IngestArgs {
     /// Address of the WebSocket endpoint and of /metrics, /healthz, /readyz.
     #[arg(long, env = "ASR_INGEST_ADDR", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// The orchestrator's gRPC endpoint (AllocateWorker).
-    #[arg(
-        long,
-        env = "ASR_ORCHESTRATOR_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub orchestrator_url: String,
     /// This node's name in events and producer names; unique per node.
     #[arg(long, env = "ASR_INGEST_NODE_ID", default_value_t = default_node_id())]
     pub node_id: String,

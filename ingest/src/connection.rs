@@ -17,6 +17,7 @@ use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, SplitStream};
 use futures::{FutureExt, StreamExt};
 use orchestrator::api::{AllocateWorkerRequest, allocate_worker_response::Outcome};
+use orchestrator::discovery::LeaderClient;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -24,15 +25,19 @@ use uuid::Uuid;
 use crate::appenders::Lease;
 use crate::metrics;
 use crate::outbox::Outbox;
-use crate::protocol::{self, SessionError};
+use crate::protocol::SessionError;
 use crate::server::Node;
 use crate::session::{Action, Allocation, Appended, Session};
 
 /// How long the broker may take to confirm an append before the log counts as
 /// unavailable.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long AllocateWorker may take.
+/// How long AllocateWorker may take, retries through an orchestrator leader failover
+/// included.
 const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// While no worker has announced itself, AllocateWorker is sent again this often: it
+/// is idempotent, and should Redis have lost the session it queues it anew.
+const REALLOCATE_INTERVAL: Duration = Duration::from_secs(2);
 /// Results read from a little before SessionOpened, in case the broker's chunk
 /// timestamps and this node's clock disagree.
 const RESULTS_LOOKBACK_MS: u64 = 5_000;
@@ -91,6 +96,8 @@ struct Connection<'a> {
     results: Option<mpsc::Receiver<ResultItem>>,
     results_task: Option<JoinHandle<()>>,
     opened: bool,
+    /// What AllocateWorker is asked, once the session is open.
+    allocation: Option<AllocateWorkerRequest>,
 }
 
 impl<'a> Connection<'a> {
@@ -105,6 +112,7 @@ impl<'a> Connection<'a> {
             results: None,
             results_task: None,
             opened: false,
+            allocation: None,
         }
     }
 
@@ -115,6 +123,8 @@ impl<'a> Connection<'a> {
         let idle_timeout = self.node.idle_timeout;
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
+        let mut reallocate = tokio::time::interval(REALLOCATE_INTERVAL);
+        reallocate.reset();
         loop {
             // When the frame that led to an append arrived: the start of its ack latency.
             let mut received = Instant::now();
@@ -148,6 +158,9 @@ impl<'a> Connection<'a> {
                 _ = ping.tick() => {
                     self.outbox.ping();
                     (Vec::new(), None)
+                }
+                _ = reallocate.tick(), if self.session.awaiting_worker() => {
+                    (self.reallocate().await, None)
                 }
                 _ = &mut idle => {
                     (self.session.fail(SessionError::IdleTimeout(idle_timeout.as_secs())), None)
@@ -241,32 +254,42 @@ impl<'a> Connection<'a> {
         self.follow_results(session, opened.at_ms);
 
         let mut actions = self.session.on_opened();
-        let request = AllocateWorkerRequest {
+        self.allocation = Some(AllocateWorkerRequest {
             session_id: session.to_string(),
             model_name: model,
             tenant,
             opened_at_ms: opened.at_ms,
             sample_rate: format.sample_rate,
-            encoding: protocol::encoding_name(format.encoding).into(),
-        };
-        let mut client = node.orchestrator.clone();
-        let answer = tokio::time::timeout(ALLOCATE_TIMEOUT, client.allocate_worker(request)).await;
-        let allocation = match answer {
-            Ok(Ok(response)) => match response.into_inner().outcome {
-                Some(Outcome::Allocated(_)) => Ok(Allocation::Allocated),
-                Some(Outcome::Queued(q)) => Ok(Allocation::Queued {
-                    position: q.position,
-                }),
-                None => Err("AllocateWorker answered without an outcome".to_string()),
-            },
-            Ok(Err(status)) => Err(status.to_string()),
-            Err(_) => Err(format!("AllocateWorker took over {ALLOCATE_TIMEOUT:?}")),
-        };
-        match allocation {
+            encoding: format.encoding.name().into(),
+            min_epoch: 0,
+        });
+        match self.allocate().await {
             Ok(allocation) => actions.extend(self.session.on_allocation(allocation)),
             Err(e) => actions.extend(self.session.fail(SessionError::OrchestratorUnavailable(e))),
         }
         actions
+    }
+
+    /// Asks the orchestrator leader for a worker, through leader failovers.
+    fn allocate(&self) -> impl Future<Output = Result<Allocation, String>> + Send + use<> {
+        let mut request = self
+            .allocation
+            .clone()
+            .expect("allocation follows a successful open");
+        request.min_epoch = self.session.latest_epoch();
+        allocate(self.node.orchestrator.clone(), request)
+    }
+
+    /// Asks again for a session still waiting for its worker; a failure here is not
+    /// the session's: the session stays queued and the next attempt follows.
+    async fn reallocate(&mut self) -> Vec<Action> {
+        match self.allocate().await {
+            Ok(allocation) => self.session.on_allocation(allocation),
+            Err(e) => {
+                tracing::warn!(session = %self.session.id(), error = %e, "asking again for a worker failed");
+                Vec::new()
+            }
+        }
     }
 
     /// Spawns the task that tails the session's results into `self.results`.
@@ -409,5 +432,32 @@ fn read_failure(error: LogError) -> SessionError {
     match error {
         LogError::Decode { .. } => SessionError::Internal(error.to_string()),
         other => SessionError::BrokerUnavailable(other.to_string()),
+    }
+}
+
+/// One AllocateWorker call, retried through leader failovers for up to
+/// [`ALLOCATE_TIMEOUT`].
+async fn allocate(
+    orchestrator: LeaderClient,
+    request: AllocateWorkerRequest,
+) -> Result<Allocation, String> {
+    let answer = tokio::time::timeout(
+        ALLOCATE_TIMEOUT,
+        orchestrator.call(ALLOCATE_TIMEOUT, |mut client| {
+            let request = request.clone();
+            async move { client.allocate_worker(request).await }
+        }),
+    )
+    .await;
+    match answer {
+        Ok(Ok(response)) => match response.outcome {
+            Some(Outcome::Allocated(_)) => Ok(Allocation::Allocated),
+            Some(Outcome::Queued(q)) => Ok(Allocation::Queued {
+                position: q.position,
+            }),
+            None => Err("AllocateWorker answered without an outcome".to_string()),
+        },
+        Ok(Err(status)) => Err(status.to_string()),
+        Err(_) => Err(format!("AllocateWorker took over {ALLOCATE_TIMEOUT:?}")),
     }
 }

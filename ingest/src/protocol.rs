@@ -50,9 +50,7 @@ pub struct OpenRequest {
 impl OpenRequest {
     /// The requested format, if this build serves it.
     pub fn format(&self) -> Result<AudioFormat, SessionError> {
-        let encoding = [AudioEncoding::PcmS16le, AudioEncoding::PcmF32le]
-            .into_iter()
-            .find(|e| encoding_name(*e) == self.encoding)
+        let encoding = AudioEncoding::from_name(&self.encoding)
             .ok_or_else(|| SessionError::UnsupportedEncoding(self.encoding.clone()))?;
         if !SUPPORTED_FORMATS.iter().any(|f| f.encoding == encoding) {
             return Err(SessionError::UnsupportedEncoding(self.encoding.clone()));
@@ -62,14 +60,6 @@ impl OpenRequest {
             .find(|f| f.encoding == encoding && f.sample_rate == self.sample_rate)
             .copied()
             .ok_or(SessionError::UnsupportedSampleRate(self.sample_rate))
-    }
-}
-
-/// The wire name of an encoding, as in `open`, in events and in AllocateWorker.
-pub fn encoding_name(encoding: AudioEncoding) -> &'static str {
-    match encoding {
-        AudioEncoding::PcmS16le => "pcm_s16le",
-        AudioEncoding::PcmF32le => "pcm_f32le",
     }
 }
 
@@ -382,16 +372,6 @@ mod tests {
             open("m", 16000, "mulaw").format().unwrap_err().close_code(),
             4006
         );
-    }
-
-    #[test]
-    fn encoding_names_match_the_event_schema() {
-        for encoding in [AudioEncoding::PcmS16le, AudioEncoding::PcmF32le] {
-            assert_eq!(
-                serde_json::to_value(encoding).unwrap(),
-                encoding_name(encoding)
-            );
-        }
     }
 
     #[test]

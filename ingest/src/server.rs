@@ -13,18 +13,16 @@ use axum::response::Response;
 use axum::routing::get;
 use eventlog::log::StreamLog;
 use eventlog::streams::StreamLayout;
-use orchestrator::api::worker_manager_client::WorkerManagerClient;
+use orchestrator::discovery::LeaderClient;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
-use tonic::transport::{Channel, Endpoint};
 
 use crate::appenders::AudioAppenders;
 use crate::config::IngestArgs;
 use crate::connection;
 use crate::session::SessionConfig;
 
-const ORCHESTRATOR_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a stopping node waits for its sessions to close.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -32,11 +30,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum ServeError {
     #[error(transparent)]
     Log(#[from] eventlog::log::LogError),
-    #[error("invalid orchestrator URL {url:?}: {source}")]
-    OrchestratorUrl {
+    #[error("connecting to Redis at {url} (where the orchestrator leader is found): {source}")]
+    Redis {
         url: String,
         #[source]
-        source: tonic::transport::Error,
+        source: redis::RedisError,
     },
     #[error("serving HTTP: {0}")]
     Http(#[source] std::io::Error),
@@ -49,20 +47,19 @@ pub struct Node {
     pub(crate) layout: StreamLayout,
     pub(crate) log: StreamLog,
     pub(crate) appenders: AudioAppenders,
-    pub(crate) orchestrator: WorkerManagerClient<Channel>,
+    pub(crate) orchestrator: LeaderClient,
     pub(crate) max_connections: usize,
     pub(crate) ping_interval: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) shutdown: watch::Receiver<bool>,
     connections: Arc<Semaphore>,
     max_frame_bytes: usize,
-    orchestrator_endpoint: Endpoint,
 }
 
 impl Node {
-    /// Connects to the broker (creating the deployment's streams if needed) and
-    /// prepares a lazy orchestrator channel: ingest starts, and reports not ready,
-    /// while the orchestrator is down.
+    /// Connects to the broker (creating the deployment's streams if needed) and to
+    /// Redis, where the orchestrator leader is found: ingest starts, and reports not
+    /// ready, while there is no leader.
     pub async fn start(
         args: &IngestArgs,
         shutdown: watch::Receiver<bool>,
@@ -70,12 +67,14 @@ impl Node {
         let layout = args.shared.layout();
         let log = StreamLog::connect(&args.shared.log_config()).await?;
         log.ensure_streams(&layout.all_streams()).await?;
-        let endpoint = Endpoint::from_shared(args.orchestrator_url.clone())
-            .map_err(|source| ServeError::OrchestratorUrl {
-                url: args.orchestrator_url.clone(),
+        let redis = args
+            .shared
+            .redis()
+            .await
+            .map_err(|source| ServeError::Redis {
+                url: args.shared.redis_url.clone(),
                 source,
-            })?
-            .connect_timeout(ORCHESTRATOR_CONNECT_TIMEOUT);
+            })?;
         Ok(Arc::new(Self {
             session_config: args.session_config(),
             node_id: args.node_id.clone(),
@@ -87,14 +86,13 @@ impl Node {
             ),
             layout,
             log,
-            orchestrator: WorkerManagerClient::new(endpoint.connect_lazy()),
+            orchestrator: LeaderClient::new(redis, &args.shared.namespace),
             max_connections: args.max_connections,
             ping_interval: args.ping_interval(),
             idle_timeout: args.idle_timeout(),
             shutdown,
             connections: Arc::new(Semaphore::new(args.max_connections)),
             max_frame_bytes: args.max_frame_bytes,
-            orchestrator_endpoint: endpoint,
         }))
     }
 
@@ -119,8 +117,8 @@ async fn upgrade(State(node): State<Arc<Node>>, ws: WebSocketUpgrade) -> Respons
         .on_upgrade(move |socket| connection::serve(node, socket, permit))
 }
 
-/// Ready when the broker answers a metadata query and the orchestrator accepts a
-/// connection.
+/// Ready when the broker answers a metadata query and an orchestrator leader is
+/// known.
 struct Readiness(Arc<Node>);
 
 #[async_trait::async_trait]
@@ -131,10 +129,11 @@ impl observability::Readiness for Readiness {
             .last_publishing_id(&node.node_id, &node.layout.control_stream())
             .await
             .map_err(|e| format!("broker: {e}"))?;
-        node.orchestrator_endpoint
-            .connect()
-            .await
-            .map_err(|e| format!("orchestrator: {e}"))?;
+        match node.orchestrator.leader().await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err("orchestrator: no leader at the moment".into()),
+            Err(status) => return Err(format!("orchestrator: {}", status.message())),
+        }
         Ok(())
     }
 }

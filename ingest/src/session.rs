@@ -133,6 +133,16 @@ impl Session {
         self.phase
     }
 
+    /// Opened, and no worker has announced itself yet (queued, or just allocated).
+    pub fn awaiting_worker(&self) -> bool {
+        matches!(self.phase, Phase::Open | Phase::Ending) && !self.started_sent
+    }
+
+    /// The latest assignment epoch the session's results announced (0 before any).
+    pub fn latest_epoch(&self) -> u64 {
+        self.filter.epoch().unwrap_or(0)
+    }
+
     /// True once a close was produced; the server stops feeding the session.
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Completed | Phase::Failed)

@@ -117,14 +117,18 @@ impl Harness {
             &namespace,
             "--partitions",
             "2",
-            "--orchestrator-url",
-            &format!("http://{grpc_addr}"),
             "--max-frame-bytes",
             &MAX_FRAME_BYTES.to_string(),
             "--ping-interval-secs",
             "1",
         ])
         .ingest;
+        testkit::announce_fake_leader(
+            &args.shared.redis_url,
+            &namespace,
+            &format!("http://{grpc_addr}"),
+        )
+        .await;
         let layout = args.shared.layout();
         let log = StreamLog::connect(&args.shared.log_config()).await.unwrap();
         log.ensure_streams(&layout.all_streams()).await.unwrap();

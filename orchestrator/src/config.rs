@@ -29,6 +29,18 @@ pub struct OrchestratorArgs {
         default_value_t = 1000
     )]
     pub heartbeat_timeout_ms: u64,
+    /// This replica's name in the leader lock and in logs (default: `orchestrator-`
+    /// and a random suffix). Run two or more replicas for high availability.
+    #[arg(long, env = "ASR_ORCHESTRATOR_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// The gRPC URL clients reach this replica at, published in the leader lock
+    /// (default: `http://` and the bound gRPC address).
+    #[arg(long, env = "ASR_ORCHESTRATOR_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// How long the leader lock outlives its holder: a SIGKILLed leader is replaced
+    /// this long after its last renewal (renewals run five times per lease).
+    #[arg(long, env = "ASR_ORCHESTRATOR_LEASE_MS", default_value_t = 500)]
+    pub lease_ms: u64,
     #[command(flatten)]
     pub shared: SharedArgs,
 }
@@ -36,5 +48,9 @@ pub struct OrchestratorArgs {
 impl OrchestratorArgs {
     pub fn heartbeat_timeout(&self) -> Duration {
         Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.max(50))
     }
 }

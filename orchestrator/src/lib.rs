@@ -1,15 +1,19 @@
 //! The orchestrator (worker manager): its gRPC API, the worker registry in Redis,
-//! allocation of sessions to workers with idle capacity, heartbeats and the handling
-//! of lost workers.
+//! allocation of sessions to workers with idle capacity, heartbeats, the handling of
+//! lost workers, and leader election among replicas.
 //!
 //! - [`allocator`]: the allocation and wait-queue rules, pure;
-//! - [`registry`]: workers, sessions, queues and epochs in Redis;
+//! - [`leadership`]: the leader lock with its fencing token, in Redis;
+//! - [`discovery`]: how clients find and follow the leader;
+//! - [`registry`]: workers, sessions, queues and epochs in Redis, written fenced;
 //! - [`service`]: the `WorkerManager` gRPC service;
 //! - [`server`]: start-up, the ops endpoints and the heartbeat monitor ([`run`]);
 //! - [`config`]: the command-line flags ([`OrchestratorArgs`]).
 
 pub mod allocator;
 pub mod config;
+pub mod discovery;
+pub mod leadership;
 pub mod registry;
 pub mod server;
 pub mod service;

@@ -1,7 +1,7 @@
 //! The worker registry and session assignments, in Redis.
 //!
-//! Redis is the orchestrator's state, so that a successor (leader election is a later
-//! issue) can take over from it. Key layout, every key under the deployment namespace:
+//! Redis is the orchestrator's state, so that a successor replica takes over from it.
+//! Key layout, every key under the deployment namespace:
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -11,16 +11,22 @@
 //! | `{ns}:model:{model}:workers` | set | the registered workers of a model |
 //! | `{ns}:models` | set | every model seen (for queue and worker gauges) |
 //! | `{ns}:session:{id}` | hash | tenant, model, opened_at_ms, sample_rate, encoding, requested_at_ms, queued_at_ms, epoch, worker, state (waiting/assigned/done) |
-//! | `{ns}:session:{id}:epoch` | counter | the session's last allocated epoch (INCR; the first is 1) |
+//! | `{ns}:epochs` | sorted set | per session, its last allocated epoch (the first is 1) |
 //! | `{ns}:queue:{model}` | list | waiting sessions, head = next to serve |
 //!
-//! The epoch counter is a key of its own so that it outlives any rewrite of the
-//! session hash: an epoch must never be handed out twice. Multi-key changes go in
-//! MULTI/EXEC transactions, so a crash never leaves a session half assigned. The
-//! orchestrator serialises its decisions itself; these transactions only make each
-//! decision land whole.
+//! Epochs live apart from the session hash so that they outlive any rewrite of it: an
+//! epoch is never handed out twice. After Redis lost its data they are raised back
+//! (`ZADD GT`) to what the workers and ingest report from the log, so they continue
+//! from the log's maximum rather than from zero.
+//!
+//! Every write is fenced: it runs inside one Lua script that first checks that the
+//! leader lock still holds this replica's term ([`crate::leadership`]), so a deposed
+//! leader changes nothing, and a decision's keys change together or not at all (a
+//! crash never leaves a session half assigned). The leader serialises its decisions
+//! itself; the scripts only make each one land whole, and only while it leads.
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 use eventlog::{AudioEncoding, AudioFormat, SessionId};
 use redis::AsyncCommands;
@@ -29,6 +35,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use crate::allocator::{WorkerLoad, WorkerState};
+use crate::leadership::leader_key;
 
 #[derive(Debug, Error)]
 pub enum RegistryError {
@@ -36,6 +43,9 @@ pub enum RegistryError {
     Redis(#[from] redis::RedisError),
     #[error("corrupt registry entry {key}: {message}")]
     Corrupt { key: String, message: String },
+    /// This replica does not lead (any more): nothing was written.
+    #[error("not the orchestrator leader")]
+    NotLeader,
 }
 
 /// A registered worker.
@@ -111,45 +121,107 @@ pub struct SessionRecord {
     pub state: SessionState,
 }
 
-/// The wire name of an encoding, as in `SessionOpened` and the gRPC API.
-pub fn encoding_name(encoding: AudioEncoding) -> &'static str {
-    match encoding {
-        AudioEncoding::PcmS16le => "pcm_s16le",
-        AudioEncoding::PcmF32le => "pcm_f32le",
-    }
-}
+/// The error a fenced script returns when the leader lock is not the writer's.
+const FENCED: &str = "FENCED";
 
-pub fn parse_encoding(name: &str) -> Option<AudioEncoding> {
-    match name {
-        "pcm_s16le" => Some(AudioEncoding::PcmS16le),
-        "pcm_f32le" => Some(AudioEncoding::PcmF32le),
-        _ => None,
-    }
-}
+/// Runs a batch of commands if, and only if, the leader lock still holds the writer's
+/// term. KEYS[1] = leader lock; ARGV[1] = the writer's lock value; then each command
+/// as its argument count followed by its arguments. Returns the commands' replies.
+const FENCED_BATCH: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED this replica no longer leads')
+end
+local replies = {}
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  replies[#replies + 1] = redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return replies
+"#;
 
 /// Sets `last_heartbeat_ms` only if the worker is still registered, so a late
-/// heartbeat cannot resurrect half a hash the orchestrator just removed.
+/// heartbeat cannot resurrect half a hash the orchestrator just removed. Fenced like
+/// [`FENCED_BATCH`]: KEYS[1] = leader lock, KEYS[2] = worker; ARGV[1] = lock value,
+/// ARGV[2] = now.
 const TOUCH_WORKER: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'last_heartbeat_ms', ARGV[1])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED this replica no longer leads')
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], 'last_heartbeat_ms', ARGV[2])
 return 1
 "#;
+
+/// The lock value of the term this replica leads, if it leads: what fenced writes
+/// compare with the lock. Shared between the registry's clones and the election.
+#[derive(Clone, Default)]
+pub struct Fence(Arc<RwLock<Option<String>>>);
+
+impl Fence {
+    pub fn set(&self, lock_value: Option<String>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = lock_value;
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
 
 /// The registry of one deployment namespace.
 #[derive(Clone)]
 pub struct Registry {
     redis: ConnectionManager,
     ns: String,
+    fence: Fence,
+    batch: redis::Script,
     touch: redis::Script,
 }
 
 impl Registry {
-    pub fn new(redis: ConnectionManager, namespace: impl Into<String>) -> Self {
+    /// Reads freely; writes only while `fence` holds this replica's term.
+    pub fn new(redis: ConnectionManager, namespace: impl Into<String>, fence: Fence) -> Self {
         Self {
             redis,
             ns: namespace.into(),
+            fence,
+            batch: redis::Script::new(FENCED_BATCH),
             touch: redis::Script::new(TOUCH_WORKER),
         }
+    }
+
+    /// Whether this replica believes it leads (Redis has the last word on each write).
+    pub fn is_leading(&self) -> bool {
+        self.fence.get().is_some()
+    }
+
+    fn lock_value(&self) -> Result<String, RegistryError> {
+        self.fence.get().ok_or(RegistryError::NotLeader)
+    }
+
+    /// Runs the pipeline's commands as one fenced, atomic batch; returns their replies.
+    async fn commit(&self, pipe: &redis::Pipeline) -> Result<Vec<redis::Value>, RegistryError> {
+        let mut invocation = self.batch.key(leader_key(&self.ns));
+        invocation.arg(self.lock_value()?);
+        for cmd in pipe.cmd_iter() {
+            let args: Vec<&[u8]> = cmd
+                .args_iter()
+                .filter_map(|arg| match arg {
+                    redis::Arg::Simple(bytes) => Some(bytes),
+                    // Only SCAN-style commands have cursors; the registry sends none.
+                    _ => None,
+                })
+                .collect();
+            invocation.arg(args.len());
+            for arg in args {
+                invocation.arg(arg);
+            }
+        }
+        invocation
+            .invoke_async(&mut self.redis.clone())
+            .await
+            .map_err(fenced_or_redis)
     }
 
     fn worker_key(&self, id: &str) -> String {
@@ -176,8 +248,8 @@ impl Registry {
         format!("{}:session:{id}", self.ns)
     }
 
-    fn epoch_key(&self, id: SessionId) -> String {
-        format!("{}:session:{id}:epoch", self.ns)
+    fn epochs_key(&self) -> String {
+        format!("{}:epochs", self.ns)
     }
 
     fn queue_key(&self, model: &str) -> String {
@@ -195,9 +267,8 @@ impl Registry {
     /// Records a worker with no sessions, replacing any previous record of that id.
     pub async fn put_worker(&self, worker: &WorkerRecord) -> Result<(), RegistryError> {
         let key = self.worker_key(&worker.id);
-        let _: () = redis::pipe()
-            .atomic()
-            .del(&key)
+        let mut pipe = redis::pipe();
+        pipe.del(&key)
             .del(self.worker_sessions_key(&worker.id))
             .hset_multiple(
                 &key,
@@ -212,9 +283,8 @@ impl Registry {
             )
             .sadd(self.workers_key(), &worker.id)
             .sadd(self.model_workers_key(&worker.model), &worker.id)
-            .sadd(self.models_key(), &worker.model)
-            .query_async(&mut self.redis.clone())
-            .await?;
+            .sadd(self.models_key(), &worker.model);
+        self.commit(&pipe).await?;
         Ok(())
     }
 
@@ -277,10 +347,13 @@ impl Registry {
     pub async fn touch_worker(&self, id: &str, now_ms: u64) -> Result<bool, RegistryError> {
         let touched: i32 = self
             .touch
+            .key(leader_key(&self.ns))
             .key(self.worker_key(id))
+            .arg(self.lock_value()?)
             .arg(now_ms)
             .invoke_async(&mut self.redis.clone())
-            .await?;
+            .await
+            .map_err(fenced_or_redis)?;
         Ok(touched == 1)
     }
 
@@ -294,8 +367,7 @@ impl Registry {
         now_ms: u64,
     ) -> Result<(), RegistryError> {
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .del(self.worker_key(&worker.id))
+        pipe.del(self.worker_key(&worker.id))
             .del(self.worker_sessions_key(&worker.id))
             .srem(self.workers_key(), &worker.id)
             .srem(self.model_workers_key(&worker.model), &worker.id);
@@ -311,7 +383,7 @@ impl Registry {
             .hdel(self.session_key(session), "worker")
             .lpush(&queue, session.to_string());
         }
-        let _: () = pipe.query_async(&mut self.redis.clone()).await?;
+        self.commit(&pipe).await?;
         Ok(())
     }
 
@@ -323,7 +395,8 @@ impl Registry {
         }
         let hash = Hash { key: &key, fields };
         let encoding = hash.text("encoding")?;
-        let encoding = parse_encoding(&encoding).ok_or_else(|| hash.corrupt("encoding"))?;
+        let encoding =
+            AudioEncoding::from_name(&encoding).ok_or_else(|| hash.corrupt("encoding"))?;
         let state =
             SessionState::parse(&hash.text("state")?).ok_or_else(|| hash.corrupt("state"))?;
         Ok(Some(SessionRecord {
@@ -344,36 +417,71 @@ impl Registry {
     }
 
     /// Records a new session as waiting, at the tail of its model's queue.
-    pub async fn enqueue_new_session(&self, session: &SessionRecord) -> Result<(), RegistryError> {
-        let _: () = redis::pipe()
-            .atomic()
-            .hset_multiple(
-                self.session_key(session.id),
-                &[
-                    ("tenant", session.tenant.clone()),
-                    ("model", session.model.clone()),
-                    ("opened_at_ms", session.opened_at_ms.to_string()),
-                    ("sample_rate", session.format.sample_rate.to_string()),
-                    (
-                        "encoding",
-                        encoding_name(session.format.encoding).to_string(),
-                    ),
-                    ("requested_at_ms", session.requested_at_ms.to_string()),
-                    ("queued_at_ms", session.queued_at_ms.to_string()),
-                    ("epoch", session.epoch.to_string()),
-                    ("state", SessionState::Waiting.as_str().to_string()),
-                ],
-            )
+    /// `min_epoch` is the highest epoch the caller saw in the log for it (0 for a new
+    /// session): epochs continue above it even if Redis lost the session's counter.
+    pub async fn enqueue_new_session(
+        &self,
+        session: &SessionRecord,
+        min_epoch: u64,
+    ) -> Result<(), RegistryError> {
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(self.session_key(session.id), &session_fields(session))
             .rpush(self.queue_key(&session.model), session.id.to_string())
-            .sadd(self.models_key(), &session.model)
-            .query_async(&mut self.redis.clone())
-            .await?;
+            .sadd(self.models_key(), &session.model);
+        if min_epoch > 0 {
+            self.raise_epoch(&mut pipe, session.id, min_epoch);
+        }
+        self.commit(&pipe).await?;
         Ok(())
+    }
+
+    /// Records a session that a re-registering worker reports it is serving under
+    /// `session.epoch` (the registry forgot it, or had requeued it meanwhile), as
+    /// assigned to that worker; `worker_state` is the worker's state once it holds it.
+    pub async fn adopt(
+        &self,
+        session: &SessionRecord,
+        worker: &str,
+        worker_state: WorkerState,
+    ) -> Result<(), RegistryError> {
+        let id = session.id.to_string();
+        let mut pipe = redis::pipe();
+        pipe.lrem(self.queue_key(&session.model), 0, &id)
+            .hset_multiple(self.session_key(session.id), &session_fields(session))
+            .hset(self.session_key(session.id), "worker", worker)
+            .sadd(self.models_key(), &session.model)
+            .sadd(self.worker_sessions_key(worker), &id)
+            .hset(self.worker_key(worker), "state", worker_state.as_str());
+        self.raise_epoch(&mut pipe, session.id, session.epoch);
+        self.commit(&pipe).await?;
+        Ok(())
+    }
+
+    /// Raises the session's epoch counter to at least `epoch`.
+    fn raise_epoch(&self, pipe: &mut redis::Pipeline, session: SessionId, epoch: u64) {
+        pipe.cmd("ZADD")
+            .arg(self.epochs_key())
+            .arg("GT")
+            .arg(epoch)
+            .arg(session.to_string());
     }
 
     /// Allocates the session's next epoch (1 for its first assignment).
     pub async fn next_epoch(&self, session: SessionId) -> Result<u64, RegistryError> {
-        Ok(self.redis.clone().incr(self.epoch_key(session), 1).await?)
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZINCRBY")
+            .arg(self.epochs_key())
+            .arg(1)
+            .arg(session.to_string());
+        let replies = self.commit(&pipe).await?;
+        let reply = replies.first().ok_or_else(|| RegistryError::Corrupt {
+            key: self.epochs_key(),
+            message: "ZINCRBY gave no reply".into(),
+        })?;
+        redis::from_redis_value_ref(reply).map_err(|e| RegistryError::Corrupt {
+            key: self.epochs_key(),
+            message: format!("epoch is not a whole number: {e}"),
+        })
     }
 
     /// Moves a waiting session to `worker` under `epoch`; `worker_state` is the
@@ -386,9 +494,8 @@ impl Registry {
         worker_state: WorkerState,
     ) -> Result<(), RegistryError> {
         let id = session.id.to_string();
-        let _: () = redis::pipe()
-            .atomic()
-            .lrem(self.queue_key(&session.model), 1, &id)
+        let mut pipe = redis::pipe();
+        pipe.lrem(self.queue_key(&session.model), 1, &id)
             .hset_multiple(
                 self.session_key(session.id),
                 &[
@@ -398,9 +505,8 @@ impl Registry {
                 ],
             )
             .sadd(self.worker_sessions_key(worker), &id)
-            .hset(self.worker_key(worker), "state", worker_state.as_str())
-            .query_async(&mut self.redis.clone())
-            .await?;
+            .hset(self.worker_key(worker), "state", worker_state.as_str());
+        self.commit(&pipe).await?;
         Ok(())
     }
 
@@ -411,17 +517,15 @@ impl Registry {
         worker: &str,
         worker_state: WorkerState,
     ) -> Result<(), RegistryError> {
-        let _: () = redis::pipe()
-            .atomic()
-            .hset(
-                self.session_key(session),
-                "state",
-                SessionState::Done.as_str(),
-            )
-            .srem(self.worker_sessions_key(worker), session.to_string())
-            .hset(self.worker_key(worker), "state", worker_state.as_str())
-            .query_async(&mut self.redis.clone())
-            .await?;
+        let mut pipe = redis::pipe();
+        pipe.hset(
+            self.session_key(session),
+            "state",
+            SessionState::Done.as_str(),
+        )
+        .srem(self.worker_sessions_key(worker), session.to_string())
+        .hset(self.worker_key(worker), "state", worker_state.as_str());
+        self.commit(&pipe).await?;
         Ok(())
     }
 
@@ -473,6 +577,30 @@ impl Registry {
     }
 }
 
+/// A session hash's fields, the worker aside.
+fn session_fields(session: &SessionRecord) -> [(&'static str, String); 9] {
+    [
+        ("tenant", session.tenant.clone()),
+        ("model", session.model.clone()),
+        ("opened_at_ms", session.opened_at_ms.to_string()),
+        ("sample_rate", session.format.sample_rate.to_string()),
+        ("encoding", session.format.encoding.name().to_string()),
+        ("requested_at_ms", session.requested_at_ms.to_string()),
+        ("queued_at_ms", session.queued_at_ms.to_string()),
+        ("epoch", session.epoch.to_string()),
+        ("state", session.state.as_str().to_string()),
+    ]
+}
+
+/// A fenced script's refusal becomes [`RegistryError::NotLeader`].
+fn fenced_or_redis(e: redis::RedisError) -> RegistryError {
+    if e.code() == Some(FENCED) {
+        RegistryError::NotLeader
+    } else {
+        RegistryError::Redis(e)
+    }
+}
+
 /// A Redis hash read back, with typed field access.
 struct Hash<'a> {
     key: &'a str,
@@ -512,16 +640,6 @@ fn parse_session_id(key: &str, s: &str) -> Result<SessionId, RegistryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn encoding_names_match_the_event_schema() {
-        for encoding in [AudioEncoding::PcmS16le, AudioEncoding::PcmF32le] {
-            let name = encoding_name(encoding);
-            assert_eq!(serde_json::to_value(encoding).unwrap(), name);
-            assert_eq!(parse_encoding(name), Some(encoding));
-        }
-        assert_eq!(parse_encoding("mp3"), None);
-    }
 
     #[test]
     fn session_states_round_trip() {

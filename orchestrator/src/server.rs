@@ -1,6 +1,6 @@
 //! Start-up and serving: connects to the broker and Redis, creates the deployment's
-//! streams, binds the gRPC API and the ops HTTP endpoints, and runs the heartbeat
-//! monitor until shutdown.
+//! streams, binds the gRPC API and the ops HTTP endpoints, campaigns for leadership
+//! and, while it leads, runs the heartbeat monitor, until shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,7 +16,8 @@ use uuid::Uuid;
 
 use crate::api::worker_manager_server::WorkerManagerServer;
 use crate::config::OrchestratorArgs;
-use crate::registry::Registry;
+use crate::leadership::{Elector, Leader, TERM_MARK_INTERVAL};
+use crate::registry::{Fence, Registry};
 use crate::service::{Appenders, Disconnects, WorkerManagerService};
 use crate::telemetry;
 
@@ -28,10 +29,22 @@ const MAX_EVENT_BYTES: usize = 64 * 1024;
 pub struct Orchestrator {
     service: WorkerManagerService,
     disconnects: Disconnects,
+    election: Election,
     grpc: TcpListener,
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
     monitor_period: Duration,
+}
+
+/// What the leadership loop needs.
+struct Election {
+    elector: Elector,
+    fence: Fence,
+    log: StreamLog,
+    control_stream: String,
+    /// Renewal and campaign period: five per lease.
+    period: Duration,
+    lease: Duration,
 }
 
 impl Orchestrator {
@@ -46,7 +59,8 @@ impl Orchestrator {
             .redis()
             .await
             .with_context(|| format!("connecting to Redis at {}", args.shared.redis_url))?;
-        let registry = Registry::new(redis, args.shared.namespace.clone());
+        let fence = Fence::default();
+        let registry = Registry::new(redis.clone(), args.shared.namespace.clone(), fence.clone());
 
         // A fresh incarnation per process: the broker deduplicates by producer name,
         // so two processes (or a restarted one) must never share a name.
@@ -81,7 +95,7 @@ impl Orchestrator {
             registry,
             producer: control.name().to_string(),
             stream: control.stream().to_string(),
-            log,
+            log: log.clone(),
         });
         let http_addr = observability::serve(args.http_addr, observability::ops_router(readiness))
             .await
@@ -90,9 +104,27 @@ impl Orchestrator {
             .await
             .with_context(|| format!("binding the gRPC API on {}", args.grpc_addr))?;
         let grpc_addr = grpc.local_addr()?;
+        let replica = args
+            .replica_id
+            .clone()
+            .unwrap_or_else(|| format!("orchestrator-{:08x}", rand_suffix()));
+        let url = args
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{grpc_addr}"));
+        let lease = args.lease();
+        let election = Election {
+            elector: Elector::new(redis, &args.shared.namespace, replica, url, lease),
+            fence,
+            log: log.clone(),
+            control_stream: layout.control_stream(),
+            period: lease / 5,
+            lease,
+        };
         Ok(Self {
             service,
             disconnects,
+            election,
             grpc,
             grpc_addr,
             http_addr,
@@ -110,17 +142,33 @@ impl Orchestrator {
         self.http_addr
     }
 
-    /// Serves until `shutdown` resolves.
+    /// This replica's name in the leader lock.
+    pub fn replica(&self) -> &str {
+        self.election.elector.replica()
+    }
+
+    /// Serves until `shutdown` resolves: the gRPC API all along (refusing calls while
+    /// this replica follows), the election, and the monitor.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let service = self.service;
         let monitor = tokio::spawn(monitor(service.clone(), self.monitor_period));
         let disconnects = tokio::spawn(service.clone().handle_disconnects(self.disconnects));
+        let (elector, fence) = (self.election.elector.clone(), self.election.fence.clone());
+        let leadership = tokio::spawn(lead(service.clone(), self.election));
         let stopping = service.clone();
         let shutdown = async move {
             shutdown.await;
             info!("orchestrator shutting down");
-            // Worker streams never end by themselves; end them so shutdown can finish.
-            stopping.disconnect_all().await;
+            // Hand the lock over at once rather than after its lease runs out.
+            leadership.abort();
+            let _ = leadership.await;
+            stopping.end_term(&fence).await;
+            if let Ok(Some(leader)) = elector.leader().await
+                && leader.replica == elector.replica()
+                && let Err(e) = elector.resign(&leader).await
+            {
+                warn!(error = %e, "could not give up the leader lock; it expires by itself");
+            }
         };
         let served = tonic::transport::Server::builder()
             .add_service(WorkerManagerServer::new(service.clone()))
@@ -144,17 +192,110 @@ pub async fn run(
     info!(
         grpc = %orchestrator.grpc_addr(),
         http = %orchestrator.http_addr(),
-        "orchestrator listening"
+        replica = orchestrator.replica(),
+        "orchestrator listening; campaigning for leadership"
     );
     orchestrator.serve(shutdown).await
 }
 
-/// Detects silent workers and keeps the gauges current.
+fn rand_suffix() -> u32 {
+    Uuid::new_v4().as_u128() as u32
+}
+
+/// Campaigns for the leader lock, leads while it holds it (renewing the lease and
+/// marking the term on the control stream), and campaigns again when it lost it.
+async fn lead(service: WorkerManagerService, election: Election) {
+    let Election {
+        elector,
+        fence,
+        log,
+        control_stream,
+        period,
+        lease,
+    } = election;
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        let leader: Leader = loop {
+            ticks.tick().await;
+            match tokio::time::timeout(lease, elector.try_lead(&log, &control_stream)).await {
+                Ok(Ok(Some(leader))) => break leader,
+                Ok(Ok(None)) => failing = false,
+                Ok(Err(e)) if !failing => {
+                    failing = true;
+                    warn!(error = %e, "campaigning for the leader lock");
+                }
+                Err(_) if !failing => {
+                    failing = true;
+                    warn!("campaigning for the leader lock: no answer from Redis");
+                }
+                _ => {}
+            }
+        };
+        if let Err(e) = service.begin_term(&leader, &fence).await {
+            warn!(token = leader.token, error = %e, "could not start the term: giving the lock up");
+            service.end_term(&fence).await;
+            let _ = elector.resign(&leader).await;
+            continue;
+        }
+        hold(&service, &elector, &leader, period, lease).await;
+        service.end_term(&fence).await;
+        warn!(token = leader.token, "stopped leading");
+    }
+}
+
+/// Renews the lease until it is lost, or until renewals have failed for so long that
+/// the lease may be about to expire: stepping down first keeps two replicas from both
+/// believing they lead (the fence would refuse the older one's writes anyway).
+async fn hold(
+    service: &WorkerManagerService,
+    elector: &Elector,
+    leader: &Leader,
+    period: Duration,
+    lease: Duration,
+) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut renewed = tokio::time::Instant::now();
+    let mut marked = tokio::time::Instant::now();
+    loop {
+        ticks.tick().await;
+        let sent = tokio::time::Instant::now();
+        match tokio::time::timeout(period, elector.renew(leader)).await {
+            Ok(Ok(true)) => renewed = sent,
+            Ok(Ok(false)) => {
+                warn!(token = leader.token, "the leader lock is gone or taken");
+                return;
+            }
+            Ok(Err(e)) => warn!(error = %e, "renewing the leader lock"),
+            Err(_) => warn!("renewing the leader lock: no answer from Redis"),
+        }
+        if renewed.elapsed() + period >= lease {
+            warn!(
+                token = leader.token,
+                "no renewal for most of the lease: stepping down"
+            );
+            return;
+        }
+        if marked.elapsed() >= TERM_MARK_INTERVAL {
+            marked = tokio::time::Instant::now();
+            if let Err(e) = service.mark_term(&leader.replica).await {
+                warn!(error = %e, "marking the term on the control stream");
+            }
+        }
+    }
+}
+
+/// While leading: detects silent workers and keeps the gauges current.
 async fn monitor(service: WorkerManagerService, period: Duration) {
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
+        if !service.registry().is_leading() {
+            continue;
+        }
         if let Err(e) = service.expire_silent_workers().await {
             warn!(error = %e, "checking worker heartbeats");
         }

@@ -13,6 +13,12 @@
 //! reports it to [`WorkerManagerService::handle_disconnects`] and the worker is marked
 //! lost; a worker that goes silent with its socket open is caught by
 //! [`WorkerManagerService::expire_silent_workers`].
+//!
+//! Only the leader replica serves ([`WorkerManagerService::begin_term`]); the others
+//! answer every call with `UNAVAILABLE` so that clients look the leader up again
+//! ([`crate::discovery`]). A new leader starts from Redis as its predecessor left it:
+//! workers re-register (their stream to the old leader broke) saying what they still
+//! serve, which the leader keeps, and silent ones are timed from the term's start.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -23,7 +29,7 @@ use std::time::Duration;
 
 use eventlog::events::SessionLoad;
 use eventlog::log::{Appender, LogError};
-use eventlog::{AudioFormat, Envelope, Event, SessionId, now_ms};
+use eventlog::{AudioEncoding, AudioFormat, Envelope, Event, SessionId, now_ms};
 use futures::Stream;
 use thiserror::Error;
 use tokio::sync::{Mutex, mpsc};
@@ -39,10 +45,8 @@ use crate::api::{
     ReleaseWorkerRequest, ReleaseWorkerResponse, SendHeartbeatRequest, SendHeartbeatResponse,
     WorkerCommand, allocate_worker_response, worker_command,
 };
-use crate::registry::{
-    Registry, RegistryError, SessionRecord, SessionState, WorkerRecord, encoding_name,
-    parse_encoding,
-};
+use crate::leadership::Leader;
+use crate::registry::{Fence, Registry, RegistryError, SessionRecord, SessionState, WorkerRecord};
 use crate::telemetry;
 
 #[derive(Debug, Error)]
@@ -105,6 +109,11 @@ struct Inner {
     connections: Mutex<Connections>,
     next_connection: AtomicU64,
     disconnects: mpsc::UnboundedSender<Disconnect>,
+    /// The fencing token of the term this replica leads; 0 while it does not lead.
+    token: AtomicU64,
+    /// When the current term began (Unix ms): workers are not timed out before they
+    /// had a heartbeat timeout's time to reach the new leader.
+    term_started_ms: AtomicU64,
 }
 
 impl WorkerManagerService {
@@ -122,6 +131,8 @@ impl WorkerManagerService {
                 connections: Mutex::new(HashMap::new()),
                 next_connection: AtomicU64::new(1),
                 disconnects,
+                token: AtomicU64::new(0),
+                term_started_ms: AtomicU64::new(0),
             }),
         };
         (service, Disconnects(receiver))
@@ -151,13 +162,50 @@ impl WorkerManagerService {
         &self.inner.registry
     }
 
+    /// Starts serving as the leader of `leader`'s term: the registry's fence now holds
+    /// the term's lock value, and the term is announced on the control stream.
+    pub async fn begin_term(&self, leader: &Leader, fence: &Fence) -> Result<(), ServiceError> {
+        let inner = &self.inner;
+        let _connections = inner.connections.lock().await;
+        fence.set(Some(leader.value()));
+        inner.token.store(leader.token, Ordering::Relaxed);
+        inner.term_started_ms.store(now_ms(), Ordering::Relaxed);
+        inner.mark_term(&leader.replica).await?;
+        telemetry::term(leader.token);
+        info!(token = leader.token, replica = %leader.replica, "leading");
+        Ok(())
+    }
+
+    /// Appends the term's `LeaderElected` again (see [`crate::leadership`]).
+    pub async fn mark_term(&self, replica: &str) -> Result<(), ServiceError> {
+        Ok(self.inner.mark_term(replica).await?)
+    }
+
+    /// Stops serving: the fence is cleared first, so nothing more is written, then
+    /// the workers' streams end and they look for the new leader.
+    pub async fn end_term(&self, fence: &Fence) {
+        fence.set(None);
+        self.inner.token.store(0, Ordering::Relaxed);
+        telemetry::term(0);
+        self.disconnect_all().await;
+    }
+
     /// Marks lost every worker whose last heartbeat is older than the timeout, revoking
     /// its sessions if its stream is still open, and reassigns them.
     pub async fn expire_silent_workers(&self) -> Result<(), ServiceError> {
         let inner = &self.inner;
+        if !inner.registry.is_leading() {
+            return Ok(());
+        }
         let timeout_ms = inner.heartbeat_timeout.as_millis() as u64;
+        let silent_for = |worker: &WorkerRecord| {
+            let since = worker
+                .last_heartbeat_ms
+                .max(inner.term_started_ms.load(Ordering::Relaxed));
+            now_ms().saturating_sub(since)
+        };
         for worker in inner.registry.workers().await? {
-            if now_ms().saturating_sub(worker.last_heartbeat_ms) <= timeout_ms {
+            if silent_for(&worker) <= timeout_ms {
                 continue;
             }
             let mut connections = inner.connections.lock().await;
@@ -165,7 +213,7 @@ impl WorkerManagerService {
             let Some(current) = inner.registry.worker(&worker.id).await? else {
                 continue;
             };
-            let silent_ms = now_ms().saturating_sub(current.last_heartbeat_ms);
+            let silent_ms = silent_for(&current);
             if silent_ms <= timeout_ms {
                 continue;
             }
@@ -182,27 +230,33 @@ impl WorkerManagerService {
     }
 }
 
-/// A validated AllocateWorker request.
-fn new_session(request: AllocateWorkerRequest) -> Result<SessionRecord, Status> {
-    let id = Uuid::parse_str(&request.session_id)
+/// A session as a request describes it, validated: waiting, under no epoch yet.
+fn session_record(
+    session_id: &str,
+    model: String,
+    tenant: String,
+    opened_at_ms: u64,
+    sample_rate: u32,
+    encoding: &str,
+) -> Result<SessionRecord, Status> {
+    let id = Uuid::parse_str(session_id)
         .map_err(|e| Status::invalid_argument(format!("session_id is not a UUID: {e}")))?;
-    if request.model_name.is_empty() {
+    if model.is_empty() {
         return Err(Status::invalid_argument("model_name is empty"));
     }
-    let encoding = parse_encoding(&request.encoding).ok_or_else(|| {
-        Status::invalid_argument(format!("unknown encoding {:?}", request.encoding))
-    })?;
-    if request.sample_rate == 0 {
+    let encoding = AudioEncoding::from_name(encoding)
+        .ok_or_else(|| Status::invalid_argument(format!("unknown encoding {encoding:?}")))?;
+    if sample_rate == 0 {
         return Err(Status::invalid_argument("sample_rate is 0"));
     }
     let now = now_ms();
     Ok(SessionRecord {
         id,
-        tenant: request.tenant,
-        model: request.model_name,
-        opened_at_ms: request.opened_at_ms,
+        tenant,
+        model,
+        opened_at_ms,
         format: AudioFormat {
-            sample_rate: request.sample_rate,
+            sample_rate,
             encoding,
         },
         requested_at_ms: now,
@@ -211,6 +265,37 @@ fn new_session(request: AllocateWorkerRequest) -> Result<SessionRecord, Status> 
         worker: None,
         state: SessionState::Waiting,
     })
+}
+
+/// A validated AllocateWorker request, and its epoch floor.
+fn new_session(request: AllocateWorkerRequest) -> Result<(SessionRecord, u64), Status> {
+    let session = session_record(
+        &request.session_id,
+        request.model_name,
+        request.tenant,
+        request.opened_at_ms,
+        request.sample_rate,
+        &request.encoding,
+    )?;
+    Ok((session, request.min_epoch))
+}
+
+/// An assignment a re-registering worker says it serves, as the session it describes.
+fn held_session(assign: api::Assign) -> Result<SessionRecord, Status> {
+    let mut session = session_record(
+        &assign.session_id,
+        assign.model_name,
+        assign.tenant,
+        assign.opened_at_ms,
+        assign.sample_rate,
+        &assign.encoding,
+    )?;
+    if assign.epoch == 0 {
+        return Err(Status::invalid_argument("a held assignment has epoch 0"));
+    }
+    session.epoch = assign.epoch;
+    session.state = SessionState::Assigned;
+    Ok(session)
 }
 
 fn parse_session(id: &str) -> Result<SessionId, Status> {
@@ -236,6 +321,32 @@ fn queued(position: u32, model: &str) -> AllocateWorkerResponse {
 }
 
 impl Inner {
+    fn token(&self) -> u64 {
+        self.token.load(Ordering::Relaxed)
+    }
+
+    /// Refuses calls while this replica does not lead.
+    fn ensure_leading(&self) -> Result<(), Status> {
+        if self.registry.is_leading() {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "this orchestrator replica is not the leader: look the leader up again",
+            ))
+        }
+    }
+
+    async fn mark_term(&self, replica: &str) -> Result<(), LogError> {
+        self.append_control(
+            None,
+            Event::LeaderElected {
+                replica: replica.to_string(),
+                token: self.token(),
+            },
+        )
+        .await
+    }
+
     async fn append_control(
         &self,
         session: Option<SessionId>,
@@ -274,6 +385,7 @@ impl Inner {
     async fn allocate(
         &self,
         session: SessionRecord,
+        min_epoch: u64,
     ) -> Result<AllocateWorkerResponse, ServiceError> {
         let connections = self.connections.lock().await;
         if let Some(known) = self.registry.session(session.id).await? {
@@ -281,7 +393,9 @@ impl Inner {
         }
         // Queue first, then serve the queue: a newcomer never overtakes an older
         // waiting session, and a failure below leaves it safely waiting.
-        self.registry.enqueue_new_session(&session).await?;
+        self.registry
+            .enqueue_new_session(&session, min_epoch)
+            .await?;
         let assigned = self.serve_queue(&connections, &session.model).await?;
         if let Some((_, worker, epoch)) = assigned.into_iter().find(|(s, ..)| *s == session.id) {
             return Ok(allocated(worker, epoch));
@@ -296,6 +410,7 @@ impl Inner {
             Event::SessionQueued {
                 model: session.model.clone(),
                 position,
+                token: self.token(),
             },
         )
         .await?;
@@ -358,6 +473,7 @@ impl Inner {
                 worker: worker.clone(),
                 model: session.model.clone(),
                 epoch,
+                token: self.token(),
             },
         )
         .await?;
@@ -374,7 +490,7 @@ impl Inner {
             epoch,
             opened_at_ms: session.opened_at_ms,
             sample_rate: session.format.sample_rate,
-            encoding: encoding_name(session.format.encoding).to_string(),
+            encoding: session.format.encoding.name().to_string(),
         };
         // A failed send means the stream is closing; its close marks the worker lost
         // and puts this session back in the queue.
@@ -395,58 +511,78 @@ impl Inner {
         worker: WorkerRecord,
         reason: &str,
     ) -> Result<(), ServiceError> {
-        let mut unfinished = Vec::new();
-        for &id in &worker.sessions {
-            if let Some(session) = self.registry.session(id).await?
-                && session.state == SessionState::Assigned
-                && session.worker.as_deref() == Some(worker.id.as_str())
-            {
-                unfinished.push(session);
-            }
-        }
-        self.append_control(
-            None,
-            Event::WorkerLost {
-                worker: worker.id.clone(),
-                reason: reason.to_string(),
-            },
-        )
-        .await?;
-        let order = allocator::head_push_order(
-            unfinished
-                .iter()
-                .map(|s| (s.id, s.requested_at_ms))
-                .collect(),
-        );
-        self.registry
-            .remove_worker(&worker, &order, now_ms())
-            .await?;
-        telemetry::worker_lost();
-        warn!(worker = %worker.id, reason, sessions = unfinished.len(), "worker lost");
+        let unfinished = self.requeue(&worker, &[], reason).await?;
         // Dropping the connection after the revokes ends the stream once they are sent.
         if let Some(connection) = connections.remove(&worker.id) {
             for session in &unfinished {
-                let _ = connection.commands.send(Ok(WorkerCommand {
-                    command: Some(worker_command::Command::Revoke(api::Revoke {
-                        session_id: session.id.to_string(),
-                        epoch: session.epoch,
-                    })),
-                }));
+                revoke(&connection.commands, session.id, session.epoch);
             }
         }
         self.serve_queue(connections, &worker.model).await?;
         Ok(())
     }
 
+    /// Removes a worker's record, putting back at the head of the queue the sessions it
+    /// held except those in `kept` (which it still serves, under the recorded epoch).
+    /// When some must move, that is a loss: `WorkerLost` is logged first. Returns the
+    /// sessions that moved.
+    async fn requeue(
+        &self,
+        worker: &WorkerRecord,
+        kept: &[SessionRecord],
+        reason: &str,
+    ) -> Result<Vec<SessionRecord>, ServiceError> {
+        let mut moved = Vec::new();
+        for &id in &worker.sessions {
+            if let Some(session) = self.registry.session(id).await?
+                && session.state == SessionState::Assigned
+                && session.worker.as_deref() == Some(worker.id.as_str())
+                && !kept
+                    .iter()
+                    .any(|k| k.id == session.id && k.epoch == session.epoch)
+            {
+                moved.push(session);
+            }
+        }
+        if !moved.is_empty() || kept.is_empty() {
+            self.append_control(
+                None,
+                Event::WorkerLost {
+                    worker: worker.id.clone(),
+                    reason: reason.to_string(),
+                    token: self.token(),
+                },
+            )
+            .await?;
+            telemetry::worker_lost();
+            warn!(worker = %worker.id, reason, sessions = moved.len(), "worker lost");
+        }
+        let order =
+            allocator::head_push_order(moved.iter().map(|s| (s.id, s.requested_at_ms)).collect());
+        self.registry
+            .remove_worker(worker, &order, now_ms())
+            .await?;
+        Ok(moved)
+    }
+
     async fn register(&self, request: RegisterWorkerRequest) -> Result<WorkerStream, ServiceError> {
         let mut connections = self.connections.lock().await;
-        if let Some(previous) = self.registry.worker(&request.worker_id).await? {
-            // The same id again: the earlier process is gone (or about to be), and
-            // whatever it held must move, with a new epoch.
-            self.lose(&mut connections, previous, "re-registered")
-                .await?;
+        let mut held = Vec::with_capacity(request.held.len());
+        for assign in request.held {
+            match held_session(assign) {
+                Ok(session) => held.push(session),
+                Err(status) => {
+                    warn!(worker = %request.worker_id, message = status.message(), "unusable held assignment ignored")
+                }
+            }
         }
         connections.remove(&request.worker_id);
+        if let Some(previous) = self.registry.worker(&request.worker_id).await? {
+            // The same id again: a new process (whatever the old one held moves on,
+            // with a new epoch) or the same one after its stream broke (what it still
+            // serves stays).
+            self.requeue(&previous, &held, "re-registered").await?;
+        }
         // proto3 has no "unset": a capacity of 0 means the default, one session.
         let capacity = request.capacity.max(1);
         self.append_control(
@@ -455,6 +591,7 @@ impl Inner {
                 worker: request.worker_id.clone(),
                 model: request.model_name.clone(),
                 capacity,
+                token: self.token(),
             },
         )
         .await?;
@@ -470,9 +607,10 @@ impl Inner {
         };
         self.registry.put_worker(&record).await?;
         let (commands, receiver) = mpsc::unbounded_channel();
+        let adopted = self.adopt_held(&record, held, &commands).await?;
         let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
         connections.insert(record.id.clone(), Connection { id, commands });
-        info!(worker = %record.id, model = %record.model, capacity, "worker registered");
+        info!(worker = %record.id, model = %record.model, capacity, adopted, "worker registered");
         let stream = WorkerStream {
             commands: UnboundedReceiverStream::new(receiver),
             _guard: CloseGuard {
@@ -483,6 +621,46 @@ impl Inner {
         };
         self.serve_queue(&connections, &record.model).await?;
         Ok(stream)
+    }
+
+    /// Keeps on a re-registering worker the sessions it still serves under their
+    /// current epoch (or whose record Redis lost: the worker's epoch is then the log's
+    /// latest), and revokes the others there. Returns how many it kept.
+    async fn adopt_held(
+        &self,
+        worker: &WorkerRecord,
+        held: Vec<SessionRecord>,
+        commands: &CommandSender,
+    ) -> Result<usize, ServiceError> {
+        let mut load = worker.load();
+        for session in held {
+            let keep = match self.registry.session(session.id).await? {
+                None => true,
+                Some(known) => {
+                    known.epoch == session.epoch
+                        && match known.state {
+                            SessionState::Assigned => {
+                                known.worker.as_deref() == Some(worker.id.as_str())
+                            }
+                            // Requeued while its worker was out of touch, and not yet
+                            // given to anyone else: it can stay where it is.
+                            SessionState::Waiting => true,
+                            SessionState::Done => false,
+                        }
+                }
+            };
+            if keep {
+                load.assigned += 1;
+                self.registry
+                    .adopt(&session, &worker.id, load.state())
+                    .await?;
+                info!(session = %session.id, worker = %worker.id, epoch = session.epoch, "held session kept");
+            } else {
+                info!(session = %session.id, worker = %worker.id, epoch = session.epoch, "held session has moved on: revoked");
+                revoke(commands, session.id, session.epoch);
+            }
+        }
+        Ok(load.assigned as usize)
     }
 
     /// A worker's stream was dropped by tonic: unless a newer registration replaced it
@@ -537,6 +715,7 @@ impl Inner {
                     model: request.model_name,
                     capacity: request.capacity,
                     sessions,
+                    token: self.token(),
                 },
             };
             self.appenders
@@ -577,6 +756,7 @@ impl Inner {
             Event::WorkerReleased {
                 worker: worker.to_string(),
                 epoch,
+                token: self.token(),
             },
         )
         .await?;
@@ -597,8 +777,11 @@ impl WorkerManager for WorkerManagerService {
         &self,
         request: Request<AllocateWorkerRequest>,
     ) -> Result<Response<AllocateWorkerResponse>, Status> {
-        let session = new_session(request.into_inner())?;
-        Ok(Response::new(self.inner.allocate(session).await?))
+        self.inner.ensure_leading()?;
+        let (session, min_epoch) = new_session(request.into_inner())?;
+        Ok(Response::new(
+            self.inner.allocate(session, min_epoch).await?,
+        ))
     }
 
     type RegisterWorkerStream = WorkerStream;
@@ -607,6 +790,7 @@ impl WorkerManager for WorkerManagerService {
         &self,
         request: Request<RegisterWorkerRequest>,
     ) -> Result<Response<WorkerStream>, Status> {
+        self.inner.ensure_leading()?;
         let request = request.into_inner();
         if request.worker_id.is_empty() || request.model_name.is_empty() {
             return Err(Status::invalid_argument(
@@ -620,6 +804,7 @@ impl WorkerManager for WorkerManagerService {
         &self,
         request: Request<SendHeartbeatRequest>,
     ) -> Result<Response<SendHeartbeatResponse>, Status> {
+        self.inner.ensure_leading()?;
         let known = self.inner.heartbeat(request.into_inner()).await?;
         Ok(Response::new(SendHeartbeatResponse { known }))
     }
@@ -628,6 +813,7 @@ impl WorkerManager for WorkerManagerService {
         &self,
         request: Request<ReleaseWorkerRequest>,
     ) -> Result<Response<ReleaseWorkerResponse>, Status> {
+        self.inner.ensure_leading()?;
         let request = request.into_inner();
         let session = parse_session(&request.session_id)?;
         let released = self
@@ -636,6 +822,17 @@ impl WorkerManager for WorkerManagerService {
             .await?;
         Ok(Response::new(ReleaseWorkerResponse { released }))
     }
+}
+
+/// Tells a worker to stop serving a session (epoch `epoch` or older).
+fn revoke(commands: &CommandSender, session: SessionId, epoch: u64) {
+    // A failed send means the stream is closing: the worker is being lost anyway.
+    let _ = commands.send(Ok(WorkerCommand {
+        command: Some(worker_command::Command::Revoke(api::Revoke {
+            session_id: session.to_string(),
+            epoch,
+        })),
+    }));
 }
 
 /// The command stream of one registered worker.

@@ -8,6 +8,18 @@ const SESSIONS_WAITING: &str = "orchestrator_sessions_waiting";
 const ALLOCATIONS: &str = "orchestrator_allocations_total";
 const WORKERS_LOST: &str = "orchestrator_workers_lost_total";
 const ALLOCATION_WAIT: &str = "orchestrator_allocation_wait_seconds";
+const LEADER: &str = "orchestrator_leader";
+const TERM_TOKEN: &str = "orchestrator_term_token";
+const TERMS: &str = "orchestrator_terms_total";
+
+/// This replica began leading the term with fencing token `token`, or (0) stopped.
+pub fn term(token: u64) {
+    metrics::gauge!(LEADER).set(if token > 0 { 1.0 } else { 0.0 });
+    metrics::gauge!(TERM_TOKEN).set(token as f64);
+    if token > 0 {
+        metrics::counter!(TERMS).increment(1);
+    }
+}
 
 /// A session got a worker, `waited_ms` after it joined the queue: on its first
 /// request (`first`), or when its previous worker was lost (a failover's wait).

@@ -15,6 +15,8 @@ use orchestrator::api::{
     AllocateWorkerRequest, Allocation, Assign, Queued, RegisterWorkerRequest, ReleaseWorkerRequest,
     Revoke, SendHeartbeatRequest, SessionProgress, WorkerCommand, worker_command::Command,
 };
+use orchestrator::discovery::LeaderClient;
+use orchestrator::registry::{Fence, Registry, RegistryError, WorkerRecord};
 use orchestrator::{Orchestrator, OrchestratorArgs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -40,19 +42,26 @@ struct Harness {
     grpc: SocketAddr,
     http: SocketAddr,
     log: StreamLog,
-    stop: oneshot::Sender<()>,
-    server: JoinHandle<anyhow::Result<()>>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Harness {
+    /// An orchestrator leading a fresh namespace.
     async fn start(heartbeat_timeout_ms: u64) -> Self {
+        let harness = Self::replica(&format!("t-{}", Uuid::new_v4()), heartbeat_timeout_ms).await;
+        harness.wait_until_leading().await;
+        harness
+    }
+
+    /// An orchestrator replica of `namespace`, leading or not.
+    async fn replica(namespace: &str, heartbeat_timeout_ms: u64) -> Self {
         observability::init_tracing();
-        let namespace = format!("t-{}", Uuid::new_v4());
         let timeout = heartbeat_timeout_ms.to_string();
         let args = Cli::parse_from([
             "orchestrator",
             "--namespace",
-            &namespace,
+            namespace,
             "--partitions",
             "2",
             "--grpc-addr",
@@ -77,8 +86,29 @@ impl Harness {
             grpc,
             http,
             log,
-            stop,
-            server,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    async fn leaders(&self) -> LeaderClient {
+        let redis = self.args.shared.redis().await.unwrap();
+        LeaderClient::new(redis, &self.args.shared.namespace)
+    }
+
+    /// Waits until this replica holds the leader lock (its first campaign is at most a
+    /// fifth of the lease away).
+    async fn wait_until_leading(&self) {
+        let leaders = self.leaders().await;
+        let url = self.url();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while leaders.leader().await.unwrap().map(|l| l.url) != Some(url.clone()) {
+            assert!(tokio::time::Instant::now() < deadline, "{url} never led");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -93,6 +123,11 @@ impl Harness {
     }
 
     async fn register(&self, id: &str, capacity: u32) -> FakeWorker {
+        self.register_holding(id, capacity, Vec::new()).await
+    }
+
+    /// Registers a worker that says it is serving `held` already.
+    async fn register_holding(&self, id: &str, capacity: u32, held: Vec<Assign>) -> FakeWorker {
         let mut client = self.client().await;
         let commands = client
             .register_worker(RegisterWorkerRequest {
@@ -100,6 +135,7 @@ impl Harness {
                 model_name: MODEL.into(),
                 capacity,
                 metrics_addr: "127.0.0.1:0".into(),
+                held,
             })
             .await
             .unwrap()
@@ -108,6 +144,18 @@ impl Harness {
     }
 
     async fn allocate(&self, session: SessionId) -> Outcome {
+        self.try_allocate(session, 0)
+            .await
+            .unwrap()
+            .outcome
+            .expect("an outcome")
+    }
+
+    async fn try_allocate(
+        &self,
+        session: SessionId,
+        min_epoch: u64,
+    ) -> Result<orchestrator::api::AllocateWorkerResponse, tonic::Status> {
         self.client()
             .await
             .allocate_worker(AllocateWorkerRequest {
@@ -117,12 +165,10 @@ impl Harness {
                 opened_at_ms: 1_700_000_000_000,
                 sample_rate: 8000,
                 encoding: "pcm_s16le".into(),
+                min_epoch,
             })
             .await
-            .unwrap()
-            .into_inner()
-            .outcome
-            .expect("an outcome")
+            .map(tonic::Response::into_inner)
     }
 
     async fn release(&self, worker: &str, session: SessionId, epoch: u64) -> bool {
@@ -163,25 +209,36 @@ impl Harness {
         events
     }
 
+    /// The first `n` control events after the term's `LeaderElected`.
     async fn control_events(&self, n: usize) -> Vec<(Option<SessionId>, Event)> {
-        self.read(&self.layout().control_stream(), n)
+        let mut events: Vec<_> = self
+            .read(&self.layout().control_stream(), n + 1)
             .await
             .into_iter()
             .map(|e| (e.session, e.event))
-            .collect()
+            .collect();
+        assert!(
+            matches!(events[0], (None, Event::LeaderElected { token: 1, .. })),
+            "the term comes first: {events:?}"
+        );
+        events.remove(0);
+        events
     }
 
-    /// Stops the server and deletes the namespace's streams and keys.
-    async fn finish(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(WAIT, self.server)
-            .await
-            .expect("server stops")
-            .unwrap()
-            .unwrap();
-        self.log
-            .delete_streams(&self.args.shared.layout().all_streams())
-            .await;
+    /// Stops the server (gracefully: it gives the leader lock up), once.
+    async fn stop(&mut self) {
+        if let (Some(stop), Some(server)) = (self.stop.take(), self.server.take()) {
+            let _ = stop.send(());
+            tokio::time::timeout(WAIT, server)
+                .await
+                .expect("server stops")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// Deletes the namespace's Redis keys, as a Redis that lost its data would.
+    async fn wipe_redis(&self) {
         let mut redis = self.args.shared.redis().await.unwrap();
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{}:*", self.args.shared.namespace))
@@ -195,6 +252,15 @@ impl Harness {
                 .await
                 .unwrap();
         }
+    }
+
+    /// Stops the server and deletes the namespace's streams and keys.
+    async fn finish(mut self) {
+        self.stop().await;
+        self.log
+            .delete_streams(&self.args.shared.layout().all_streams())
+            .await;
+        self.wipe_redis().await;
     }
 }
 
@@ -265,6 +331,7 @@ fn registered(worker: &str, capacity: u32) -> (Option<SessionId>, Event) {
             worker: worker.into(),
             model: MODEL.into(),
             capacity,
+            token: 1,
         },
     )
 }
@@ -276,6 +343,7 @@ fn allocated(session: SessionId, worker: &str, epoch: u64) -> (Option<SessionId>
             worker: worker.into(),
             model: MODEL.into(),
             epoch,
+            token: 1,
         },
     )
 }
@@ -341,6 +409,7 @@ async fn allocates_within_capacity_queues_the_rest_and_serves_the_queue_on_relea
             Event::SessionQueued {
                 model: MODEL.into(),
                 position,
+                token: 1,
             },
         )
     };
@@ -358,7 +427,8 @@ async fn allocates_within_capacity_queues_the_rest_and_serves_the_queue_on_relea
                 Some(s[0]),
                 Event::WorkerReleased {
                     worker: "w-a".into(),
-                    epoch: 1
+                    epoch: 1,
+                    token: 1,
                 }
             ),
             allocated(s[3], "w-a", 1),
@@ -396,7 +466,7 @@ async fn a_worker_whose_stream_drops_is_lost_and_its_session_moves_with_a_new_ep
         ]
     );
     match &events[3] {
-        (None, Event::WorkerLost { worker, reason }) => {
+        (None, Event::WorkerLost { worker, reason, .. }) => {
             assert_eq!(worker, "w-a");
             assert!(reason.contains("stream"), "{reason}");
         }
@@ -470,7 +540,7 @@ async fn a_silent_worker_is_revoked_and_its_session_reassigned() {
         .await
         .into_iter()
         .filter_map(|(_, e)| match e {
-            Event::WorkerLost { worker, reason } => Some((worker, reason)),
+            Event::WorkerLost { worker, reason, .. } => Some((worker, reason)),
             _ => None,
         })
         .collect();
@@ -509,6 +579,7 @@ async fn heartbeats_are_recorded_and_the_ops_endpoints_answer() {
                 epoch: 1,
                 decoded_ms: 1234
             }],
+            token: 1,
         }
     );
 
@@ -561,4 +632,197 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// What a worker lists when it registers again while serving `session` under `epoch`.
+fn held(session: SessionId, epoch: u64) -> Assign {
+    Assign {
+        session_id: session.to_string(),
+        model_name: MODEL.into(),
+        tenant: "tenant-1".into(),
+        epoch,
+        opened_at_ms: 1_700_000_000_000,
+        sample_rate: 8000,
+        encoding: "pcm_s16le".into(),
+    }
+}
+
+/// The `LeaderElected` tokens on the control stream, in order (the first `n` events).
+async fn terms(h: &Harness, n: usize) -> Vec<u64> {
+    h.read(&h.layout().control_stream(), n)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.event {
+            Event::LeaderElected { token, .. } => Some(token),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_standby_replica_refuses_calls_then_takes_over_and_keeps_what_workers_still_serve() {
+    let mut first = Harness::start(NO_TIMEOUT_MS).await;
+    let second = Harness::replica(&first.args.shared.namespace, NO_TIMEOUT_MS).await;
+    let s = Uuid::new_v4();
+
+    // The standby answers UNAVAILABLE, so that clients look the leader up again.
+    let refused = second.try_allocate(s, 0).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    let mut a = first.register("w-a", 1).await;
+    assert_eq!(first.allocate(s).await, allocation("w-a", 1));
+    a.assign().await;
+
+    // The leader steps down: its workers' streams end and the standby takes over
+    // under the next token.
+    first.stop().await;
+    assert_eq!(a.next().await, None, "the old leader's stream ends");
+    second.wait_until_leading().await;
+    let leaders = second.leaders().await;
+    assert_eq!(leaders.leader().await.unwrap().unwrap().token, 2);
+
+    // The worker registers again, still serving its session: it keeps it, under the
+    // same epoch, and is not told anything new.
+    let mut a = second.register_holding("w-a", 1, vec![held(s, 1)]).await;
+    a.quiet().await;
+    assert_eq!(second.allocate(s).await, allocation("w-a", 1));
+    assert!(second.release("w-a", s, 1).await);
+
+    // A worker that comes back claiming an assignment that moved on is told to stop.
+    let t = Uuid::new_v4();
+    let mut b = second.register("w-b", 1).await;
+    assert_eq!(second.allocate(t).await, allocation("w-a", 1));
+    a.assign().await;
+    drop(a);
+    let assign = b.assign().await;
+    assert_eq!((assign.session_id, assign.epoch), (t.to_string(), 2));
+    let mut a = second.register_holding("w-a", 1, vec![held(t, 1)]).await;
+    assert_eq!(
+        a.next().await,
+        Some(Command::Revoke(Revoke {
+            session_id: t.to_string(),
+            epoch: 1
+        }))
+    );
+    assert_eq!(second.allocate(t).await, allocation("w-b", 2));
+
+    // Registered, allocated, then the second term.
+    assert_eq!(terms(&second, 4).await, vec![1, 2]);
+    second.finish().await;
+    first.finish().await;
+}
+
+#[tokio::test]
+async fn after_redis_lost_its_data_tokens_and_epochs_continue_from_the_log() {
+    let h = Harness::start(NO_TIMEOUT_MS).await;
+    let mut a = h.register("w-a", 1).await;
+    let mut b = h.register("w-b", 1).await;
+    let s = Uuid::new_v4();
+    assert_eq!(h.allocate(s).await, allocation("w-a", 1));
+    a.assign().await;
+    drop(a);
+    let assign = b.assign().await;
+    assert_eq!((assign.session_id, assign.epoch), (s.to_string(), 2));
+    let waiting = Uuid::new_v4();
+    assert_eq!(position(&h.allocate(waiting).await), 1);
+
+    h.wipe_redis().await;
+    // The leader notices its lock is gone, steps down (ending the workers' streams)
+    // and is elected again, under a token recovered from the control stream.
+    assert_eq!(b.next().await, None, "the stream ends when the term does");
+    h.wait_until_leading().await;
+    let token = h.leaders().await.leader().await.unwrap().unwrap().token;
+    assert_eq!(token, 2, "the log's highest token plus one, not 1");
+
+    // The worker registers again with what it serves; ingest asks again for the
+    // session with the latest epoch it saw: the assignment stands.
+    let mut b = h.register_holding("w-b", 1, vec![held(s, 2)]).await;
+    b.quiet().await;
+    let answer = h.try_allocate(s, 2).await.unwrap().outcome.unwrap();
+    assert_eq!(answer, allocation("w-b", 2));
+
+    // Redis forgot the waiting session too: ingest asking again queues it anew, and
+    // the next worker serves it.
+    assert_eq!(position(&h.allocate(waiting).await), 1);
+    let mut c = h.register("w-c", 2).await;
+    let assign = c.assign().await;
+    assert_eq!((assign.session_id, assign.epoch), (waiting.to_string(), 1));
+
+    // The next failover continues from epoch 2, as the log does.
+    drop(b);
+    let assign = c.assign().await;
+    assert_eq!((assign.session_id, assign.epoch), (s.to_string(), 3));
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_deposed_leaders_registry_writes_nothing() {
+    observability::init_tracing();
+    let namespace = format!("t-{}", Uuid::new_v4());
+    let args = Cli::parse_from(["orchestrator", "--namespace", &namespace]).args;
+    let mut redis = args.shared.redis().await.unwrap();
+    let current = orchestrator::leadership::Leader {
+        token: 7,
+        replica: "new".into(),
+        url: "http://127.0.0.1:1".into(),
+    };
+    let _: () = redis::cmd("SET")
+        .arg(orchestrator::leadership::leader_key(&namespace))
+        .arg(current.value())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let fence = Fence::default();
+    let registry = Registry::new(redis.clone(), namespace.clone(), fence.clone());
+    let worker = WorkerRecord {
+        id: "w-a".into(),
+        model: MODEL.into(),
+        capacity: 1,
+        metrics_addr: String::new(),
+        registered_at_ms: 0,
+        last_heartbeat_ms: 0,
+        sessions: Vec::new(),
+    };
+
+    // Not leading at all: refused without asking Redis.
+    assert!(matches!(
+        registry.put_worker(&worker).await,
+        Err(RegistryError::NotLeader)
+    ));
+    // The previous term's fence: Redis refuses it.
+    fence.set(Some(
+        orchestrator::leadership::Leader {
+            token: 6,
+            ..current.clone()
+        }
+        .value(),
+    ));
+    assert!(matches!(
+        registry.put_worker(&worker).await,
+        Err(RegistryError::NotLeader)
+    ));
+    assert!(matches!(
+        registry.touch_worker("w-a", 1).await,
+        Err(RegistryError::NotLeader)
+    ));
+    assert_eq!(
+        registry.worker("w-a").await.unwrap(),
+        None,
+        "nothing written"
+    );
+    // The current term's fence writes.
+    fence.set(Some(current.value()));
+    registry.put_worker(&worker).await.unwrap();
+    assert_eq!(registry.worker("w-a").await.unwrap(), Some(worker));
+
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{namespace}:*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(keys)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
 }

@@ -33,11 +33,7 @@ pub enum AudioError {
 
 /// Parses the encoding names used on the gRPC API and in the client protocol.
 pub fn parse_encoding(name: &str) -> Result<AudioEncoding, AudioError> {
-    match name {
-        "pcm_s16le" => Ok(AudioEncoding::PcmS16le),
-        "pcm_f32le" => Ok(AudioEncoding::PcmF32le),
-        other => Err(AudioError::UnknownEncoding(other.to_string())),
-    }
+    AudioEncoding::from_name(name).ok_or_else(|| AudioError::UnknownEncoding(name.to_string()))
 }
 
 /// One chunk's samples at the model rate.

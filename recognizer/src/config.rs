@@ -13,13 +13,6 @@ fn default_worker_id() -> String {
 
 #[derive(Args, Clone, Debug)]
 pub struct RecognizerArgs {
-    /// The orchestrator's gRPC endpoint.
-    #[arg(
-        long,
-        env = "ASR_ORCHESTRATOR_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub orchestrator_url: String,
     /// This worker's id (stable across restarts if you want the orchestrator to see a
     /// restart as the same worker).
     #[arg(long, env = "ASR_WORKER_ID", default_value_t = default_worker_id())]

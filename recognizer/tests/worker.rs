@@ -144,7 +144,7 @@ async fn results_until_completed(
 async fn worker_decodes_an_assigned_session_and_a_second_epoch_resumes_from_its_checkpoint() {
     observability::init_tracing();
     let namespace = format!("t-{}", uuid::Uuid::new_v4());
-    let mut args = Cli::try_parse_from([
+    let args = Cli::try_parse_from([
         "recognizer",
         "--namespace",
         &namespace,
@@ -165,7 +165,12 @@ async fn worker_decodes_an_assigned_session_and_a_second_epoch_resumes_from_its_
         heartbeats: Arc::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    args.orchestrator_url = format!("http://{}", listener.local_addr().unwrap());
+    testkit::announce_fake_leader(
+        &args.shared.redis_url,
+        &namespace,
+        &format!("http://{}", listener.local_addr().unwrap()),
+    )
+    .await;
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(WorkerManagerServer::new(fake.clone()))

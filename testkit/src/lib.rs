@@ -11,6 +11,30 @@ pub mod speech;
 pub mod system;
 pub mod wer;
 
+/// Makes `url` the orchestrator leader of `namespace`, the way an elected replica
+/// announces itself, so that a test's fake orchestrator is found by the real clients.
+/// The key expires after ten minutes, longer than any test, so none is left behind.
+pub async fn announce_fake_leader(redis_url: &str, namespace: &str, url: &str) {
+    let lock = orchestrator::leadership::Leader {
+        token: 1,
+        replica: "fake".into(),
+        url: url.into(),
+    };
+    let mut redis = redis::Client::open(redis_url)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let _: () = redis::cmd("SET")
+        .arg(orchestrator::leadership::leader_key(namespace))
+        .arg(lock.value())
+        .arg("PX")
+        .arg(600_000)
+        .query_async(&mut redis)
+        .await
+        .expect("SET leader");
+}
+
 /// A TCP port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

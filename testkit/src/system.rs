@@ -1,7 +1,8 @@
-//! The system under test, as real processes: an orchestrator, an ingest node and
+//! The system under test, as real processes: orchestrator replicas, an ingest node and
 //! recognizers, each a separate OS process of the built `asr` binary, in a namespace
-//! of their own (stream names and Redis keys) and on free ports. Each process logs to
-//! a file, printed when a test fails to start the system.
+//! of their own (stream names and Redis keys; a Redis database of its own when a test
+//! wipes it) and on free ports. Each process logs to a file, printed when a test fails
+//! to start the system.
 //!
 //! Failover tests SIGKILL a process by its role ([`System::kill`]), start fresh
 //! recognizers (waiting for their model: [`System::start_recognizer`], or not:
@@ -22,7 +23,11 @@ use crate::free_port;
 /// What to start.
 #[derive(Clone, Debug)]
 pub struct SystemConfig {
+    /// Orchestrator replicas, `orchestrator-1` … (one leads; the others stand by).
+    pub orchestrators: usize,
     pub recognizers: usize,
+    /// The Redis database every process uses (tests that wipe Redis take their own).
+    pub redis_db: u8,
     /// Stream partitions (few keep the test's broker footprint small).
     pub partitions: u16,
     /// Extra environment for every process.
@@ -32,7 +37,9 @@ pub struct SystemConfig {
 impl Default for SystemConfig {
     fn default() -> Self {
         Self {
+            orchestrators: 1,
             recognizers: 1,
+            redis_db: 0,
             partitions: 4,
             env: Vec::new(),
         }
@@ -62,7 +69,8 @@ pub struct System {
     pub namespace: String,
     pub layout: StreamLayout,
     pub ingest_port: u16,
-    pub grpc_port: u16,
+    /// `redis://…/{db}`, as every process of the system is given it.
+    pub redis_url: String,
     pub processes: Vec<Process>,
     bin: PathBuf,
     logs: PathBuf,
@@ -70,16 +78,18 @@ pub struct System {
 }
 
 impl System {
-    /// Starts the orchestrator, then ingest and the recognizers, and waits until ingest
-    /// accepts connections and every recognizer has registered (its metrics port is
-    /// open once its model is loaded).
+    /// Starts the orchestrator replicas, then ingest and the recognizers, and waits
+    /// until a leader is elected, ingest accepts connections and every recognizer has
+    /// loaded its model (its metrics port opens then; it registers right after).
     pub async fn start(bin: &Path, config: SystemConfig) -> System {
         let namespace = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let logs = std::env::temp_dir().join(format!("asr-{namespace}"));
         std::fs::create_dir_all(&logs).expect("log dir");
+        let redis_url = format!("redis://127.0.0.1:6379/{}", config.redis_db);
         let mut env = vec![
             ("ASR_NAMESPACE".to_string(), namespace.clone()),
             ("ASR_PARTITIONS".to_string(), config.partitions.to_string()),
+            ("ASR_REDIS_URL".to_string(), redis_url.clone()),
             ("RUST_LOG".to_string(), "info".to_string()),
         ];
         env.extend(config.env.iter().cloned());
@@ -87,26 +97,30 @@ impl System {
             layout: StreamLayout::new(namespace.clone(), config.partitions),
             namespace,
             ingest_port: free_port(),
-            grpc_port: free_port(),
+            redis_url,
             processes: Vec::new(),
             bin: bin.to_path_buf(),
             logs,
             env,
         };
-        let orchestrator_http = free_port();
-        system.spawn(
-            "orchestrator",
-            &[
-                "orchestrator".into(),
-                format!("--grpc-addr=127.0.0.1:{}", system.grpc_port),
-                format!("--http-addr=127.0.0.1:{orchestrator_http}"),
-            ],
-        );
-        system.wait_for_port(system.grpc_port, "orchestrator").await;
+        for i in 1..=config.orchestrators {
+            let replica = format!("orchestrator-{i}");
+            let grpc = free_port();
+            system.spawn(
+                &replica,
+                &[
+                    "orchestrator".into(),
+                    format!("--replica-id={replica}"),
+                    format!("--grpc-addr=127.0.0.1:{grpc}"),
+                    format!("--http-addr=127.0.0.1:{}", free_port()),
+                ],
+            );
+            system.wait_for_port(grpc, &replica).await;
+        }
+        system.leader_after(None).await;
         let ingest = [
             "ingest".into(),
             format!("--listen=127.0.0.1:{}", system.ingest_port),
-            format!("--orchestrator-url={}", system.orchestrator_url()),
         ];
         system.spawn("ingest", &ingest);
         for i in 0..config.recognizers {
@@ -116,10 +130,6 @@ impl System {
         }
         system.wait_for_port(system.ingest_port, "ingest").await;
         system
-    }
-
-    pub fn orchestrator_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.grpc_port)
     }
 
     pub fn ws_url(&self) -> String {
@@ -146,7 +156,6 @@ impl System {
         let args = [
             "recognizer".into(),
             format!("--worker-id={worker_id}"),
-            format!("--orchestrator-url={}", self.orchestrator_url()),
             format!("--http-addr=127.0.0.1:{http}"),
         ];
         let env: Vec<(String, String)> = env
@@ -203,11 +212,7 @@ impl System {
     /// Which worker holds the session under which epoch, from the orchestrator's
     /// registry; `None` before the orchestrator recorded the session.
     pub async fn assignment(&self, session: uuid::Uuid) -> Option<Assignment> {
-        let client = redis::Client::open("redis://127.0.0.1:6379/0").expect("redis url");
-        let mut redis = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("redis connection");
+        let mut redis = self.redis().await;
         let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
             .arg(format!("{}:session:{session}", self.namespace))
             .query_async(&mut redis)
@@ -219,6 +224,45 @@ impl System {
             epoch,
             state: fields.get("state").cloned().unwrap_or_default(),
         })
+    }
+
+    /// A connection to the system's Redis database.
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis_url.as_str())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection")
+    }
+
+    /// The orchestrator replica holding the leader lock, and its fencing token.
+    pub async fn leader(&self) -> Option<(String, u64)> {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(orchestrator::leadership::leader_key(&self.namespace))
+            .query_async(&mut self.redis().await)
+            .await
+            .expect("GET leader");
+        let leader = orchestrator::leadership::Leader::parse(&value?)?;
+        Some((leader.replica, leader.token))
+    }
+
+    /// Waits until a replica leads under a token above `after` (any, for `None`);
+    /// returns it and its token.
+    pub async fn leader_after(&self, after: Option<u64>) -> (String, u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((replica, token)) = self.leader().await
+                && after.is_none_or(|after| token > after)
+            {
+                return (replica, token);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no orchestrator leader after token {after:?}\n{}",
+                self.all_logs()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     fn spawn(&mut self, role: &str, args: &[String]) {
@@ -303,7 +347,7 @@ impl System {
         if let Ok(log) = StreamLog::connect(&LogConfig::default()).await {
             log.delete_streams(&self.layout.all_streams()).await;
         }
-        if let Ok(client) = redis::Client::open("redis://127.0.0.1:6379/0")
+        if let Ok(client) = redis::Client::open(self.redis_url.as_str())
             && let Ok(mut redis) = client.get_multiplexed_async_connection().await
         {
             let keys: Vec<String> = redis::cmd("KEYS")

@@ -1,10 +1,12 @@
 //! The worker process: loads the model once, serves /metrics and health, registers
-//! with the orchestrator and keeps that stream open (re-registering with backoff when
-//! it breaks), heartbeats, and runs one task per assigned session ([`session`]).
+//! with the orchestrator leader (found through Redis) and keeps that stream open
+//! (registering again, with the sessions it still serves, when it breaks), heartbeats,
+//! and runs one task per assigned session ([`session`]).
 //!
-//! Sessions keep running while the orchestrator stream is down: if the orchestrator
-//! gave a session to someone else meanwhile, the newer epoch fences this worker's
-//! results and checkpoints, and a `Revoke` stops the task once the stream is back.
+//! Sessions keep running while the orchestrator stream is down (a leader failover,
+//! Redis losing its data): on registering again the worker lists what it serves, and
+//! the leader keeps it or revokes it. If the session was given to someone else
+//! meanwhile, the newer epoch fences this worker's results and checkpoints.
 
 mod session;
 pub mod tracking;
@@ -21,13 +23,12 @@ use eventlog::log::{Appender, LogError, StreamLog};
 use eventlog::streams::StreamLayout;
 use eventlog::{AudioFormat, Envelope, Event, SessionId, now_ms};
 use orchestrator::api::worker_command::Command;
-use orchestrator::api::worker_manager_client::WorkerManagerClient;
 use orchestrator::api::{
     Assign, RegisterWorkerRequest, ReleaseWorkerRequest, Revoke, SendHeartbeatRequest,
     SessionProgress,
 };
+use orchestrator::discovery::LeaderClient;
 use tokio::sync::Notify;
-use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, error, info, warn};
 
 use crate::audio::parse_encoding;
@@ -40,6 +41,13 @@ pub use session::{Assignment, SessionError};
 const MAX_RESULT_BYTES: usize = 16 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Registering again after the stream broke: quickly, since a new leader times the
+/// workers out a heartbeat timeout after its term began.
+const REGISTER_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How long a finished session's release keeps being retried (through leader
+/// failovers) before the slot is left for the orchestrator to reclaim.
+const RELEASE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// What every session task of the process shares.
 pub(crate) struct Ctx {
@@ -96,7 +104,7 @@ impl Ctx {
 
 /// A session task of this process.
 struct Running {
-    epoch: u64,
+    assignment: Assignment,
     decoded_ms: Arc<AtomicU64>,
     task: tokio::task::AbortHandle,
 }
@@ -121,8 +129,27 @@ impl Sessions {
             .iter()
             .map(|(id, r)| SessionProgress {
                 session_id: id.to_string(),
-                epoch: r.epoch,
+                epoch: r.assignment.epoch,
                 decoded_ms: r.decoded_ms.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// The assignments being served, as a registration lists them.
+    fn held(&self) -> Vec<Assign> {
+        self.lock()
+            .values()
+            .map(|r| {
+                let a = &r.assignment;
+                Assign {
+                    session_id: a.session.to_string(),
+                    model_name: a.model.clone(),
+                    tenant: a.tenant.clone(),
+                    epoch: a.epoch,
+                    opened_at_ms: a.opened_at_ms,
+                    sample_rate: a.format.sample_rate,
+                    encoding: a.format.encoding.name().to_string(),
+                }
             })
             .collect()
     }
@@ -130,7 +157,10 @@ impl Sessions {
     /// Removes the session's entry if it is still the given epoch's.
     fn finished(&self, session: SessionId, epoch: u64) {
         let mut map = self.lock();
-        if map.get(&session).is_some_and(|r| r.epoch == epoch) {
+        if map
+            .get(&session)
+            .is_some_and(|r| r.assignment.epoch == epoch)
+        {
             map.remove(&session);
         }
         Self::update_gauge(&map);
@@ -139,7 +169,9 @@ impl Sessions {
     /// Stops the session's task if its epoch is at most `epoch`.
     fn revoke(&self, session: SessionId, epoch: u64) -> bool {
         let mut map = self.lock();
-        let stop = map.get(&session).is_some_and(|r| r.epoch <= epoch);
+        let stop = map
+            .get(&session)
+            .is_some_and(|r| r.assignment.epoch <= epoch);
         if stop && let Some(r) = map.remove(&session) {
             r.task.abort();
         }
@@ -160,7 +192,7 @@ impl Sessions {
 struct Worker {
     args: RecognizerArgs,
     ctx: Arc<Ctx>,
-    client: WorkerManagerClient<Channel>,
+    leaders: LeaderClient,
     sessions: Sessions,
     registered: Arc<AtomicBool>,
     reregister: Notify,
@@ -198,7 +230,7 @@ pub async fn run(
 
     let registered = Arc::new(AtomicBool::new(false));
     let readiness = Arc::new(Ready {
-        redis,
+        redis: redis.clone(),
         log: log.clone(),
         probe_stream: layout.control_stream(),
         registered: registered.clone(),
@@ -208,10 +240,7 @@ pub async fn run(
         .with_context(|| format!("binding {}", args.http_addr))?;
     info!(addr = %http, "ops HTTP listening (/metrics, /healthz, /readyz)");
 
-    let channel = Endpoint::from_shared(args.orchestrator_url.clone())
-        .with_context(|| format!("orchestrator URL {}", args.orchestrator_url))?
-        .connect_timeout(Duration::from_secs(2))
-        .connect_lazy();
+    let leaders = LeaderClient::new(redis.clone(), &args.shared.namespace);
     let ctx = Arc::new(Ctx {
         worker_id: args.worker_id.clone(),
         incarnation: format!("{:08x}", rand::random::<u32>()),
@@ -226,7 +255,7 @@ pub async fn run(
     let worker = Arc::new(Worker {
         args,
         ctx,
-        client: WorkerManagerClient::new(channel),
+        leaders,
         sessions: Sessions::default(),
         registered,
         reregister: Notify::new(),
@@ -285,22 +314,30 @@ fn arm_failpoints() -> anyhow::Result<()> {
 impl Worker {
     /// Keeps the registration stream open for the process's life.
     async fn registration(self: Arc<Self>) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = REGISTER_BACKOFF_MIN;
+        let mut failing = false;
         loop {
             let opened = Instant::now();
             match self.register_once().await {
-                Ok(()) => warn!("orchestrator closed the registration stream"),
-                Err(status) => {
+                Ok(()) => {
+                    failing = false;
+                    warn!("orchestrator closed the registration stream: looking for the leader")
+                }
+                // Quiet while the same failure repeats (no leader for a moment).
+                Err(status) if !failing => {
+                    failing = true;
                     warn!(code = ?status.code(), message = status.message(), "registration stream failed")
                 }
+                Err(_) => {}
             }
             self.registered.store(false, Ordering::Relaxed);
+            self.leaders.forget();
             // A stream that stayed up a while was healthy: start the backoff over.
-            if opened.elapsed() > BACKOFF_MAX * 2 {
-                backoff = BACKOFF_MIN;
+            if opened.elapsed() > REGISTER_BACKOFF_MAX * 2 {
+                backoff = REGISTER_BACKOFF_MIN;
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            backoff = (backoff * 2).min(REGISTER_BACKOFF_MAX);
         }
     }
 
@@ -310,15 +347,18 @@ impl Worker {
             model_name: self.args.model_name.clone(),
             capacity: self.args.capacity,
             metrics_addr: self.metrics_addr.clone(),
+            held: self.sessions.held(),
         };
+        let held = request.held.len();
         let mut commands = self
-            .client
-            .clone()
+            .leaders
+            .client()
+            .await?
             .register_worker(request)
             .await?
             .into_inner();
         self.registered.store(true, Ordering::Relaxed);
-        info!(worker = %self.args.worker_id, model = %self.args.model_name, capacity = self.args.capacity, "registered with the orchestrator");
+        info!(worker = %self.args.worker_id, model = %self.args.model_name, capacity = self.args.capacity, held, "registered with the orchestrator");
         loop {
             tokio::select! {
                 message = commands.message() => match message? {
@@ -355,7 +395,7 @@ impl Worker {
     fn start(&self, a: Assignment) {
         let mut map = self.sessions.lock();
         if let Some(running) = map.get(&a.session) {
-            if running.epoch >= a.epoch {
+            if running.assignment.epoch >= a.epoch {
                 debug!(session = %a.session, epoch = a.epoch, "assignment already running");
                 return;
             }
@@ -368,7 +408,7 @@ impl Worker {
         let decoded_ms = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(serve_session(
             self.ctx.clone(),
-            self.client.clone(),
+            self.leaders.clone(),
             self.sessions.clone(),
             a.clone(),
             decoded_ms.clone(),
@@ -376,7 +416,7 @@ impl Worker {
         map.insert(
             a.session,
             Running {
-                epoch: a.epoch,
+                assignment: a.clone(),
                 decoded_ms,
                 task: task.abort_handle(),
             },
@@ -397,8 +437,13 @@ impl Worker {
                 sessions: self.sessions.progress(),
                 capacity: self.args.capacity,
             };
-            let mut client = self.client.clone();
-            let sent = tokio::time::timeout(period * 5, client.send_heartbeat(request)).await;
+            let sent = tokio::time::timeout(period * 5, async {
+                self.leaders.client().await?.send_heartbeat(request).await
+            })
+            .await;
+            if matches!(&sent, Ok(Err(status)) if status.code() == tonic::Code::Unavailable) {
+                self.leaders.forget();
+            }
             match sent {
                 Ok(Ok(response)) => {
                     failing = false;
@@ -424,7 +469,7 @@ impl Worker {
 /// then releases the slot.
 async fn serve_session(
     ctx: Arc<Ctx>,
-    mut client: WorkerManagerClient<Channel>,
+    leaders: LeaderClient,
     sessions: Sessions,
     a: Assignment,
     decoded_ms: Arc<AtomicU64>,
@@ -463,17 +508,17 @@ async fn serve_session(
         session_id: session.to_string(),
         epoch,
     };
-    for attempt in 1..=5 {
-        match client.release_worker(request.clone()).await {
-            Ok(response) => {
-                info!(%session, epoch, released = response.into_inner().released, "worker released");
-                return;
-            }
-            Err(status) => {
-                warn!(%session, epoch, attempt, message = status.message(), "release failed");
-                tokio::time::sleep(BACKOFF_MIN * attempt).await;
-            }
-        }
+    let released = leaders
+        .call(RELEASE_PATIENCE, |mut client| {
+            let request = request.clone();
+            async move { client.release_worker(request).await }
+        })
+        .await;
+    match released {
+        Ok(response) => info!(%session, epoch, released = response.released, "worker released"),
+        // The slot stays taken until this worker registers again (its registration
+        // lists what it serves) or is lost.
+        Err(status) => warn!(%session, epoch, message = status.message(), "release failed"),
     }
 }
 
