@@ -634,10 +634,11 @@ impl Inner {
     ) -> Result<usize, ServiceError> {
         let mut load = worker.load();
         for session in held {
-            let keep = match self.registry.session(session.id).await? {
-                None => true,
+            let kept = match self.registry.session(session.id).await? {
+                // Redis lost it: the worker's account is all there is.
+                None => Some(session.clone()),
                 Some(known) => {
-                    known.epoch == session.epoch
+                    let keep = known.epoch == session.epoch
                         && match known.state {
                             SessionState::Assigned => {
                                 known.worker.as_deref() == Some(worker.id.as_str())
@@ -646,13 +647,17 @@ impl Inner {
                             // given to anyone else: it can stay where it is.
                             SessionState::Waiting => true,
                             SessionState::Done => false,
-                        }
+                        };
+                    keep.then_some(SessionRecord {
+                        state: SessionState::Assigned,
+                        ..known
+                    })
                 }
             };
-            if keep {
+            if let Some(record) = kept {
                 load.assigned += 1;
                 self.registry
-                    .adopt(&session, &worker.id, load.state())
+                    .adopt(&record, &worker.id, load.state())
                     .await?;
                 info!(session = %session.id, worker = %worker.id, epoch = session.epoch, "held session kept");
             } else {
