@@ -9,17 +9,22 @@
 //! `FAILPOINTS`) and the test SIGKILLs it once its log says it got there, or
 //! the test SIGKILLs the session's current worker when the client's acknowledged audio
 //! reaches a position drawn from a seeded RNG (`ASR_TEST_SEED` replays a run).
+//!
+//! A zombie too: the serving worker SIGSTOPped mid-sentence past the orchestrator's
+//! heartbeat timeout, woken once its session moved, checked from the results stream.
+//! The session-driving helpers are shared with `asr-bench failover`
+//! (`testkit::failover`).
 
 use std::path::Path;
 use std::time::Duration;
 
-use client::{ClientError, Outcome, Recording, StreamOptions};
-use ingest::protocol::{Segment, ServerMessage};
-use rand::{Rng, SeedableRng};
+use client::{ClientError, Outcome, Recording};
+use testkit::failover::{
+    self, Holder, KillPositions, Killer, Reference, STEP_TIMEOUT, Step, Watch, holder,
+};
 use testkit::system::{System, SystemConfig};
 use testkit::wer::word_error_rate;
-use tokio::sync::{OnceCell, mpsc};
-use uuid::Uuid;
+use tokio::sync::OnceCell;
 
 const SENTENCES: [&str; 3] = [
     "there is a fire in the kitchen and the smoke is getting thicker",
@@ -31,8 +36,6 @@ const GAP_MS: u32 = 1200;
 const MAX_WER: f64 = 0.35;
 /// Faster than real time keeps the suite short; the recognizer keeps up at this pace.
 const SPEED: f64 = 3.0;
-/// No step of a session (an assignment, a failpoint, the next result) takes this long.
-const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn asr() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_asr"))
@@ -42,149 +45,36 @@ fn recording() -> Recording {
     testkit::speech::sentences(&SENTENCES, GAP_MS)
 }
 
-/// The conversation's transcript with no failure: what every failover run must equal.
-#[derive(Debug)]
-struct Reference {
-    transcript: String,
-    finals: Vec<Segment>,
-}
-
 static REFERENCE: OnceCell<Reference> = OnceCell::const_new();
 
-/// The reference, decoded once per test binary by whichever test needs it first, on
-/// that test's system (same binary, same model: decoding is deterministic).
+/// The conversation's transcript with no failure, decoded once per test binary by
+/// whichever test needs it first, on that test's system (same binary, same model:
+/// decoding is deterministic).
 async fn reference(system: &System) -> &'static Reference {
     REFERENCE
         .get_or_init(|| async {
-            let (client, _seen) = stream(system);
-            let outcome = expect_completed(system, client.await);
-            let reference = Reference {
-                transcript: outcome.transcript.clone(),
-                finals: outcome.finals.iter().map(|f| f.segment.clone()).collect(),
-            };
+            let (client, _watch) = stream(system);
+            let reference = Reference::of(&expect_completed(system, client.await));
             println!("reference transcript: {:?}", reference.transcript);
             reference
         })
         .await
 }
 
-/// What the controller of a session learns from the client, as it happens.
-#[derive(Debug)]
-enum Seen {
-    Opened(Uuid),
-    Ack(u64),
-    Final,
-}
-
-/// Starts streaming the conversation at [`SPEED`]; the receiver sees the session id,
-/// every acknowledgement and every final as the client gets them.
+/// Starts streaming the conversation at [`SPEED`].
 fn stream(
     system: &System,
 ) -> (
     impl Future<Output = Result<Outcome, ClientError>> + use<>,
-    mpsc::UnboundedReceiver<Seen>,
+    Watch,
 ) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let options = StreamOptions {
-        url: system.ws_url(),
-        speed: SPEED,
-        completion_timeout: Duration::from_secs(120),
-        ..StreamOptions::default()
-    };
-    let recording = recording();
-    let client = async move {
-        client::stream(&options, &recording, |message| {
-            let seen = match message {
-                ServerMessage::Opened { session_id, .. } => Seen::Opened(*session_id),
-                ServerMessage::Ack { seq } => Seen::Ack(*seq),
-                ServerMessage::Final(_) => Seen::Final,
-                _ => return,
-            };
-            let _ = tx.send(seen);
-        })
-        .await
-    };
-    (client, rx)
+    failover::stream(system, recording(), SPEED)
 }
 
 fn expect_completed(system: &System, result: Result<Outcome, ClientError>) -> Outcome {
     match result {
         Ok(outcome) => outcome,
         Err(e) => panic!("session failed: {e}\n{}", system.all_logs()),
-    }
-}
-
-/// The session as the controller follows it.
-struct Watch {
-    seen: mpsc::UnboundedReceiver<Seen>,
-    session: Option<Uuid>,
-    /// Highest acknowledged frame + 1.
-    acked: u64,
-    finals: usize,
-}
-
-impl Watch {
-    fn new(seen: mpsc::UnboundedReceiver<Seen>) -> Self {
-        Self {
-            seen,
-            session: None,
-            acked: 0,
-            finals: 0,
-        }
-    }
-
-    /// Consumes what the client saw until `done` holds.
-    async fn until(&mut self, what: &str, done: impl Fn(&Watch) -> bool) {
-        while !done(self) {
-            let next = tokio::time::timeout(STEP_TIMEOUT, self.seen.recv()).await;
-            match next {
-                Ok(Some(seen)) => self.note(seen),
-                Ok(None) => panic!("the session ended while waiting for {what}"),
-                Err(_) => panic!("nothing from the client for {STEP_TIMEOUT:?} waiting for {what}"),
-            }
-        }
-    }
-
-    /// Takes in what the client saw so far, without waiting.
-    fn drain(&mut self) {
-        while let Ok(seen) = self.seen.try_recv() {
-            self.note(seen);
-        }
-    }
-
-    fn note(&mut self, seen: Seen) {
-        match seen {
-            Seen::Opened(id) => self.session = Some(id),
-            Seen::Ack(seq) => self.acked = self.acked.max(seq + 1),
-            Seen::Final => self.finals += 1,
-        }
-    }
-
-    async fn session(&mut self) -> Uuid {
-        self.until("the session id", |w| w.session.is_some()).await;
-        self.session.expect("opened")
-    }
-}
-
-/// The worker holding the session under an epoch above `after_epoch`, once the
-/// orchestrator assigned it, and whether the session is already finished (a fast
-/// replacement can decode what is left before the test looks).
-async fn holder(system: &System, session: Uuid, after_epoch: u64) -> (String, u64, bool) {
-    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
-    loop {
-        if let Some(a) = system.assignment(session).await
-            && (a.state == "assigned" || a.state == "done")
-            && a.epoch > after_epoch
-            && let Some(worker) = a.worker
-        {
-            return (worker, a.epoch, a.state == "done");
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "session {session} not assigned beyond epoch {after_epoch}\n{}",
-            system.all_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -205,31 +95,11 @@ async fn stopped_at(system: &System, role: &str, point: &str) {
     }
 }
 
-/// The failover guarantees: the same transcript as with no failure, the same finals
-/// (index, text, audio range) in order, each index once, none reported missing.
+/// The failover guarantees ([`Reference::differences`]), with every log when broken.
 fn assert_unchanged(system: &System, outcome: &Outcome, reference: &Reference, what: &str) {
-    let finals: Vec<&Segment> = outcome.finals.iter().map(|f| &f.segment).collect();
-    let indices: Vec<u32> = finals.iter().map(|s| s.segment).collect();
-    let expected: Vec<u32> = (0..reference.finals.len() as u32).collect();
-    let report = || {
-        format!(
-            "{what}\nheard:    {:?}\nexpected: {:?}\nfinals:   {finals:?}\nreference finals: {:?}\n{}",
-            outcome.transcript,
-            reference.transcript,
-            reference.finals,
-            system.all_logs()
-        )
-    };
-    assert_eq!(indices, expected, "segment indices: {}", report());
-    assert!(
-        outcome.missing_segments.is_empty(),
-        "missing segments {:?}: {}",
-        outcome.missing_segments,
-        report()
-    );
-    assert_eq!(outcome.transcript, reference.transcript, "{}", report());
-    let same = finals.iter().zip(&reference.finals).all(|(a, b)| *a == b);
-    assert!(same, "finals differ: {}", report());
+    if let Some(differences) = reference.differences(outcome) {
+        panic!("{what}: {differences}\n{}", system.all_logs());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -248,7 +118,7 @@ async fn baseline_transcript_without_failure() {
         reference.finals
     );
     // The same audio again gives the same transcript: what the failover tests rely on.
-    let (client, _seen) = stream(&system);
+    let (client, _watch) = stream(&system);
     let again = expect_completed(&system, client.await);
     assert_unchanged(&system, &again, reference, "a second run with no failure");
     system.stop().await;
@@ -274,11 +144,14 @@ async fn killed_at_failpoint(point: &str, actions: &str) -> usize {
         .start_recognizer_with("recognizer-1", &[("FAILPOINTS", failpoints.as_str())])
         .await;
 
-    let (client, seen) = stream(&system);
+    let (client, mut watch) = stream(&system);
     let control = async {
-        let mut watch = Watch::new(seen);
         let session = watch.session().await;
-        let (first, epoch, _) = holder(&system, session, 0).await;
+        let Holder {
+            worker: first,
+            epoch,
+            ..
+        } = holder(&system, session, 0).await;
         assert_eq!(first, "recognizer-1", "the armed worker took the session");
         stopped_at(&system, "recognizer-1", point).await;
         let pid = system.pid_of("recognizer-1");
@@ -292,9 +165,14 @@ async fn killed_at_failpoint(point: &str, actions: &str) -> usize {
         watch.drain();
         println!(
             "SIGKILLed recognizer-1 (pid {pid:?}, epoch {epoch}) at {point}: it had appended {finals} finals; the client had {} finals, {} frames acknowledged",
-            watch.finals, watch.acked
+            watch.finals(),
+            watch.acked
         );
-        let (next, next_epoch, _) = holder(&system, session, epoch).await;
+        let Holder {
+            worker: next,
+            epoch: next_epoch,
+            ..
+        } = holder(&system, session, epoch).await;
         assert_eq!(next, "recognizer-2", "the idle worker took over");
         assert_eq!(next_epoch, epoch + 1);
         // Capacity back for whatever comes next.
@@ -370,43 +248,16 @@ const KILLS_PER_SESSION: usize = 4;
 /// Audio between two kills of a session, at least: the replacement gets going.
 const MIN_KILL_SPACING_MS: u64 = 1500;
 
-/// Kill positions (ms of audio) inside the reference's speech, sorted, spaced.
-fn kill_positions(rng: &mut impl Rng, reference: &Reference) -> Vec<u64> {
-    let speech: Vec<(u64, u64)> = reference
-        .finals
-        .iter()
-        .map(|s| (s.start_ms, s.end_ms))
-        .collect();
-    let total: u64 = speech.iter().map(|(a, b)| b - a).sum();
-    loop {
-        let mut at: Vec<u64> = (0..KILLS_PER_SESSION)
-            .map(|_| {
-                let mut offset = rng.random_range(0..total);
-                for (start, end) in &speech {
-                    if offset < end - start {
-                        return start + offset;
-                    }
-                    offset -= end - start;
-                }
-                unreachable!("offset within the speech")
-            })
-            .collect();
-        at.sort_unstable();
-        if at.windows(2).all(|w| w[1] - w[0] >= MIN_KILL_SPACING_MS) {
-            return at;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_at_random_moments_inside_speech() {
     let _serial = testkit::serial::heavy();
-    let seed = std::env::var("ASR_TEST_SEED")
-        .ok()
-        .map(|s| s.parse::<u64>().expect("ASR_TEST_SEED is a u64"))
-        .unwrap_or_else(rand::random);
+    let mut positions = KillPositions::new(
+        std::env::var("ASR_TEST_SEED")
+            .ok()
+            .map(|s| s.parse::<u64>().expect("ASR_TEST_SEED is a u64")),
+    );
+    let seed = positions.seed();
     println!("random kills: seed {seed} (ASR_TEST_SEED={seed} repeats this run)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     let mut system = System::start(
         asr(),
@@ -419,40 +270,35 @@ async fn killed_at_random_moments_inside_speech() {
     )
     .await;
     let reference = reference(&system).await;
-    let mut started = 3;
+    let mut killer = Killer::new(3);
     let mut kills = 0;
     for round in 0..RANDOM_SESSIONS {
-        let positions = kill_positions(&mut rng, reference);
-        let (client, seen) = stream(&system);
+        let positions =
+            positions.inside_speech(&reference.speech(), KILLS_PER_SESSION, MIN_KILL_SPACING_MS);
+        let (client, mut watch) = stream(&system);
         let control = async {
-            let mut watch = Watch::new(seen);
             let session = watch.session().await;
             let mut epoch = 0;
             let mut log = Vec::new();
-            for (i, &ms) in positions.iter().enumerate() {
-                let frame = ms / 100;
-                watch.until("the kill position", |w| w.acked > frame).await;
-                let (worker, current, done) = holder(&system, session, epoch).await;
-                if done {
-                    log.push(format!(
-                        "{ms} ms: the session finished under {worker} (epoch {current}) before this kill"
-                    ));
-                    break;
-                }
-                system.kill(&worker).await;
-                log.push(format!(
-                    "{ms} ms: killed {worker} (epoch {current}) with {} frames acknowledged, {} finals",
-                    watch.acked, watch.finals
-                ));
-                epoch = current;
-                // Capacity back, without pausing the kills (a model loads in
-                // seconds): every other kill the same worker id comes back as a fresh
-                // process, otherwise a new worker joins.
-                if i % 2 == 0 {
-                    system.restart(&worker).await;
-                } else {
-                    started += 1;
-                    system.spawn_recognizer(&format!("recognizer-{started}"), &[]);
+            for &ms in &positions {
+                match killer
+                    .kill_at(&mut system, &mut watch, session, epoch, ms)
+                    .await
+                {
+                    Step::Killed(kill) => {
+                        log.push(format!(
+                            "{ms} ms: killed {} (epoch {}) with {} ms acknowledged, {} finals",
+                            kill.worker, kill.epoch, kill.acked_ms, kill.finals_heard
+                        ));
+                        epoch = kill.epoch;
+                    }
+                    Step::Finished(h) => {
+                        log.push(format!(
+                            "{ms} ms: the session finished under {} (epoch {}) before this kill",
+                            h.worker, h.epoch
+                        ));
+                        break;
+                    }
                 }
             }
             log
@@ -469,5 +315,231 @@ async fn killed_at_random_moments_inside_speech() {
         );
     }
     println!("{kills} random kills, transcript unchanged every time (seed {seed})");
+    system.stop().await;
+}
+
+/// Zombie (invariant 4): the worker serving the session is SIGSTOPped in the middle of
+/// a sentence and kept stopped until the orchestrator, hearing no heartbeat for its
+/// timeout, has moved the session to the idle worker under a new epoch and the
+/// replacement's `EpochStarted` is in the log; then it is woken with SIGCONT, with
+/// the rest of its sentence waiting to be decoded and a final to append under its old
+/// epoch. The client's transcript is unchanged, and from the session's results
+/// stream, folded by the one acceptance rule (`ResultFilter`):
+///
+/// - every accepted result has the epoch of the latest `EpochStarted` before it (the
+///   test tracks that epoch itself, not through the filter);
+/// - everything of the zombie's epoch after the replacement's `EpochStarted` (what the
+///   zombie appended after waking) is refused as stale;
+/// - per segment, accepted results never go back from the replacement to the zombie,
+///   nothing is accepted after the segment's final, and one final per index is
+///   accepted, equal to the no-failure reference.
+///
+/// How it goes red (tried once each, never committed): the woken zombie normally
+/// appends nothing, because the orchestrator's `Revoke` is waiting in its socket and
+/// stops the session task before its decode finishes (the count of stale events is
+/// printed); with the recognizer ignoring `Revoke` it appended 2 to 5 stale events
+/// (among them the final of the interrupted sentence), every one refused, and the test
+/// stays green, as it should; with that and a `ResultFilter` accepting any epoch, the
+/// zombie's final after the new `EpochStarted` is accepted and the test fails. A
+/// filter accepting any epoch alone is caught only when the zombie gets an event out
+/// before the revoke lands (rare; `ResultFilter`'s unit tests catch it always). An
+/// orchestrator that did not expire a silent worker, or did not bump the epoch, fails
+/// the wait for the new holder; a replacement that did not resume from the checkpoint,
+/// or a lost or doubled final, fails the transcript comparison.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_worker_woken_after_its_session_moved_adds_nothing() {
+    use eventlog::Event;
+    use eventlog::log::ReadFrom;
+    use eventlog::results::{Ignored, ResultFilter, Verdict};
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let _serial = testkit::serial::heavy();
+    // Both idle at first: the allocator takes the smallest worker id, recognizer-1.
+    let system = System::start(
+        asr(),
+        SystemConfig {
+            recognizers: 2,
+            ..SystemConfig::default()
+        },
+    )
+    .await;
+    let reference = reference(&system).await;
+    // Halfway through the second sentence, at real-time pace: the worker keeps up, so
+    // the audio acknowledged to the client is about where its decoding is.
+    let sentence = &reference.finals[1];
+    let pause_ms = (sentence.start_ms + sentence.end_ms) / 2;
+    let (client, mut watch) = failover::stream(&system, recording(), 1.0);
+    let control = async {
+        let mut progress = failover::Progress::follow(&system).await;
+        let session = watch.session().await;
+        watch
+            .until("the pause position", |w| w.acked > pause_ms / 100)
+            .await;
+        let zombie = holder(&system, session, 0).await;
+        assert!(!zombie.done, "the session finished before the pause");
+        // The worker's decoding trails the acknowledged audio: wait until it says it
+        // got there too.
+        let decoded = progress.decoded_to(session, zombie.epoch, pause_ms).await;
+        let pid = system.pid_of(&zombie.worker).expect("the holder runs");
+        let pid = Pid::from_raw(pid as i32);
+        kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+        let stopped_at_ms = eventlog::now_ms();
+        watch.drain();
+        let (acked_ms, finals_heard) = (watch.acked * 100, watch.finals());
+        let next = holder(&system, session, zombie.epoch).await;
+        let moved_ms = eventlog::now_ms() - stopped_at_ms;
+        assert_ne!(
+            next.worker, zombie.worker,
+            "the session moved to the idle worker"
+        );
+        assert_eq!(next.epoch, zombie.epoch + 1);
+        // The replacement's EpochStarted fences the old epoch in the log itself.
+        failover::session_results(&system, session, Duration::ZERO, |events| {
+            events.iter().any(
+                |e| matches!(e.event, Event::EpochStarted { epoch, .. } if epoch == next.epoch),
+            )
+        })
+        .await;
+        kill(pid, Signal::SIGCONT).expect("SIGCONT");
+        progress.close().await;
+        let stopped_ms = eventlog::now_ms() - stopped_at_ms;
+        println!(
+            "SIGSTOPped {} (epoch {}) decoded to {decoded} ms ({acked_ms} ms acknowledged, {finals_heard} finals heard), inside {sentence:?}; the registry gave the session to {} (epoch {}) {moved_ms} ms later; SIGCONT after {stopped_ms} ms",
+            zombie.worker, zombie.epoch, next.worker, next.epoch
+        );
+        (session, zombie, next, stopped_at_ms)
+    };
+    let (result, (session, zombie, next, stopped_at_ms)) = tokio::join!(client, control);
+    let outcome = expect_completed(&system, result);
+    assert_unchanged(&system, &outcome, reference, "zombie woken after takeover");
+
+    // The orchestrator's account: when it declared the zombie lost.
+    let control = failover::read_stream(
+        &system.layout.control_stream(),
+        None,
+        ReadFrom::Start,
+        Duration::ZERO,
+        |events| {
+            events.iter().any(
+                |e| matches!(&e.event, Event::WorkerLost { worker, .. } if *worker == zombie.worker),
+            )
+        },
+    )
+    .await;
+    if let Some(lost) = control
+        .iter()
+        .find(|e| matches!(&e.event, Event::WorkerLost { worker, .. } if *worker == zombie.worker))
+    {
+        println!(
+            "declared lost {} ms after SIGSTOP: {:?}",
+            lost.at_ms.saturating_sub(stopped_at_ms),
+            lost.event
+        );
+    }
+
+    // The workers' account, through the acceptance rule. Two quiet seconds after the
+    // completion: anything the zombie appended late is in.
+    let events = failover::session_results(
+        &system,
+        session,
+        Duration::from_secs(2),
+        failover::completed,
+    )
+    .await;
+    let report = |what: String| {
+        let lines: Vec<String> = events.iter().map(|e| format!("{:?}", e.event)).collect();
+        format!(
+            "{what}\nresults:\n{}\n{}",
+            lines.join("\n"),
+            system.all_logs()
+        )
+    };
+    let mut filter = ResultFilter::new();
+    let mut latest_started: Option<u64> = None;
+    let mut fenced = false;
+    let mut stale_after_wake = 0;
+    // Per segment: epoch of the last accepted result, and whether its final is in.
+    let mut segments: std::collections::BTreeMap<u32, (u64, bool)> = Default::default();
+    for envelope in &events {
+        let event = &envelope.event;
+        let verdict = filter.accept(event);
+        if let Event::EpochStarted { epoch, .. } = event {
+            latest_started = latest_started.max(Some(*epoch));
+            fenced |= *epoch == next.epoch;
+        }
+        if fenced && event.epoch() == Some(zombie.epoch) {
+            stale_after_wake += 1;
+            assert_eq!(
+                verdict,
+                Verdict::Ignored(Ignored::StaleEpoch),
+                "{}",
+                report(format!(
+                    "the zombie's {event:?} after the new epoch started"
+                ))
+            );
+        }
+        if verdict != Verdict::Accepted {
+            continue;
+        }
+        let segment = match event {
+            Event::Partial { segment, .. } | Event::Final { segment, .. } => Some(*segment),
+            Event::TranscriptCompleted { .. } => None,
+            _ => continue,
+        };
+        assert_eq!(
+            event.epoch(),
+            latest_started,
+            "{}",
+            report(format!(
+                "accepted {event:?} while the latest started epoch is {latest_started:?}"
+            ))
+        );
+        if let Some(segment) = segment {
+            let epoch = event.epoch().expect("a result has an epoch");
+            let is_final = matches!(event, Event::Final { .. });
+            let entry = segments.entry(segment).or_insert((epoch, false));
+            assert!(
+                !entry.1 && entry.0 <= epoch,
+                "{}",
+                report(format!(
+                    "segment {segment}: accepted {event:?} after (epoch {}, final {})",
+                    entry.0, entry.1
+                ))
+            );
+            *entry = (epoch, is_final);
+        }
+    }
+    let accepted: Vec<(u32, String, u64, u64)> = filter
+        .finals()
+        .iter()
+        .map(|(i, f)| (*i, f.text.clone(), f.start_ms, f.end_ms))
+        .collect();
+    let expected: Vec<(u32, String, u64, u64)> = reference
+        .finals
+        .iter()
+        .map(|s| (s.segment, s.text.clone(), s.start_ms, s.end_ms))
+        .collect();
+    assert_eq!(
+        accepted,
+        expected,
+        "{}",
+        report("accepted finals in the log differ from the reference".into())
+    );
+    assert_eq!(filter.completed(), Some(reference.finals.len() as u32));
+    assert_eq!(
+        filter.epoch(),
+        Some(next.epoch),
+        "no epoch after the takeover"
+    );
+    let revoked = system
+        .log_of(&zombie.worker)
+        .lines()
+        .any(|l| l.contains("assignment revoked"));
+    println!(
+        "the zombie appended {stale_after_wake} events of its stale epoch {} after waking, every one refused; its log {} the revoke",
+        zombie.epoch,
+        if revoked { "shows" } else { "does not show" }
+    );
     system.stop().await;
 }

@@ -4,8 +4,12 @@
 //! - [`wer`]: word error rate between a reference and a hypothesis;
 //! - [`system`]: runs the pipeline's roles as separate OS processes of the built `asr`
 //!   binary, each test in a namespace (streams, Redis keys) and on ports of its own;
+//! - [`failover`]: driving a session through recognizer failures (stream and watch it,
+//!   who holds it, kill moments inside speech, the no-failure reference, its results
+//!   read back from the log), for the failover tests and benchmarks;
 //! - [`serial`]: one-at-a-time execution for tests that spawn processes or load the model.
 
+pub mod failover;
 pub mod serial;
 pub mod speech;
 pub mod system;
