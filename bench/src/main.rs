@@ -11,7 +11,16 @@
 //!
 //! `asr-bench layout --sessions 200`: the stream layouts of ARCHITECTURE.md compared
 //! (see `layout`).
+//!
+//! `asr-bench heartbeats --sessions 4 --seconds 300`: heartbeat inter-arrival gaps at
+//! the orchestrator on a loaded machine, against the interval and the timeout (see
+//! `heartbeats`).
+//!
+//! `asr-bench failover --kills 50`: the failover gap when the serving recognizer is
+//! SIGKILLed inside speech (see `failover`).
 
+mod failover;
+mod heartbeats;
 mod layout;
 
 use std::path::PathBuf;
@@ -47,6 +56,40 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         rounds: usize,
     },
+    /// Heartbeat inter-arrival gaps at the orchestrator while recognizers decode.
+    Heartbeats {
+        /// Concurrent sessions, each streaming the conversation again and again.
+        #[arg(long, default_value_t = 4)]
+        sessions: usize,
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Recognizer processes; their capacity is sized so every session has a slot.
+        #[arg(long, default_value_t = 2)]
+        recognizers: usize,
+        #[command(flatten)]
+        settings: HeartbeatSettings,
+    },
+    /// The failover gap: SIGKILLs of the serving recognizer inside speech.
+    Failover {
+        /// SIGKILLs in all.
+        #[arg(long, default_value_t = 50)]
+        kills: usize,
+        /// SIGKILLs per session, at most.
+        #[arg(long, default_value_t = 4)]
+        per_session: usize,
+        /// Audio between two kills of a session, at least (ms): the replacement
+        /// catches up in between.
+        #[arg(long, default_value_t = 3000)]
+        spacing_ms: u64,
+        /// Seed of the kill positions (random when absent; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Streaming pace (1.0 = real time).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        #[command(flatten)]
+        settings: HeartbeatSettings,
+    },
     /// Stream per session vs partitioned streams, through the project's log code.
     Layout {
         #[arg(long, default_value_t = 200)]
@@ -57,6 +100,42 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         partitions: u16,
     },
+}
+
+/// The heartbeat settings every process of a benchmark's system gets.
+#[derive(clap::Args, Clone, Copy, Debug)]
+struct HeartbeatSettings {
+    /// The recognizers' heartbeat period (ASR_HEARTBEAT_INTERVAL_MS).
+    #[arg(long, default_value_t = 200)]
+    heartbeat_interval_ms: u64,
+    /// The orchestrator's heartbeat timeout (ASR_ORCHESTRATOR_HEARTBEAT_TIMEOUT_MS).
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_timeout_ms: u64,
+}
+
+impl HeartbeatSettings {
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "ASR_HEARTBEAT_INTERVAL_MS".into(),
+                self.heartbeat_interval_ms.to_string(),
+            ),
+            (
+                "ASR_ORCHESTRATOR_HEARTBEAT_TIMEOUT_MS".into(),
+                self.heartbeat_timeout_ms.to_string(),
+            ),
+        ]
+    }
+}
+
+impl std::fmt::Display for HeartbeatSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "heartbeat interval {} ms, timeout {} ms",
+            self.heartbeat_interval_ms, self.heartbeat_timeout_ms
+        )
+    }
 }
 
 const SENTENCES: &[&str] = &[
@@ -104,6 +183,30 @@ async fn main() -> anyhow::Result<()> {
             threads,
             rounds,
         } => pipeline(&sessions, recognizers, threads, rounds).await,
+        Command::Heartbeats {
+            sessions,
+            seconds,
+            recognizers,
+            settings,
+        } => heartbeats::run(&asr_binary()?, sessions, seconds, recognizers, settings).await,
+        Command::Failover {
+            kills,
+            per_session,
+            spacing_ms,
+            seed,
+            speed,
+            settings,
+        } => {
+            let args = failover::Args {
+                kills,
+                per_session,
+                spacing_ms,
+                seed,
+                speed,
+                settings,
+            };
+            failover::run(&asr_binary()?, args).await
+        }
         Command::Layout {
             sessions,
             seconds,
