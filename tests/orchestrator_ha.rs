@@ -264,3 +264,65 @@ async fn redis_loses_its_data_mid_session_and_the_session_carries_on() {
     assert_eq!(first_finals, vec![1, 2], "segment 0 decoded by both epochs");
     system.stop().await;
 }
+
+fn signal(system: &System, role: &str, signal: nix::sys::signal::Signal) {
+    let pid = system.pid_of(role).expect("running") as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        .unwrap_or_else(|e| panic!("{signal} to {role}: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_leader_is_replaced_and_wakes_up_fenced() {
+    use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
+    let _serial = testkit::serial::heavy();
+    let mut system = System::start(
+        asr(),
+        SystemConfig {
+            orchestrators: 2,
+            recognizers: 2,
+            ..SystemConfig::default()
+        },
+    )
+    .await;
+    let reference = reference(&system).await;
+
+    let (client, mut watch) = stream(&system, recording(), SPEED);
+    let control = async {
+        let session = watch.session().await;
+        acked_past(&mut watch, within(reference, 0, 0.5)).await;
+        // Paused, its sockets stay open: nobody sees a connection break.
+        let (paused, token) = system.leader().await.expect("a leader");
+        signal(&system, &paused, SIGSTOP);
+        let (successor, _) = system.leader_after(Some(token)).await;
+        println!("SIGSTOPped leader {paused} (token {token}); {successor} leads");
+
+        // The workers find the new leader by themselves: a recognizer failover needs
+        // it to know the idle one.
+        acked_past(&mut watch, within(reference, 1, 0.5)).await;
+        let epoch = kill_the_worker(&mut system, session, 0).await;
+        let next = holder(&system, session, epoch).await;
+        assert_eq!(next.epoch, epoch + 1);
+
+        // The old leader wakes up: it finds its lock gone and stops leading, having
+        // changed nothing.
+        signal(&system, &paused, SIGCONT);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !system.log_of(&paused).contains("stopped leading") {
+            assert!(
+                Instant::now() < deadline,
+                "{paused} never stepped down\n{}",
+                system.all_logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(system.leader().await.map(|(r, _)| r), Some(successor));
+        watch.finish().await;
+        session
+    };
+    let (outcome, session) = tokio::join!(client, control);
+    let outcome = outcome.unwrap_or_else(|e| panic!("session failed: {e}\n{}", system.all_logs()));
+    assert_unchanged(&system, reference, &outcome);
+    let allocated = assignments(&system, session).await;
+    assert_eq!(allocated.len(), 2, "one failover, no more: {allocated:?}");
+    system.stop().await;
+}

@@ -1,8 +1,9 @@
 //! How clients (ingest, recognizers) find the orchestrator leader: the leader lock in
 //! Redis names its gRPC URL ([`crate::leadership`]). A client keeps a channel to the
 //! leader it found and looks the leader up again when a call is answered with
-//! `UNAVAILABLE`: the leader died (connection refused), or the replica it reached does
-//! not lead any more (it refuses every call).
+//! `UNAVAILABLE` (the leader died and the connection is refused, or the replica it
+//! reached does not lead any more and refuses every call) or not answered at all (a
+//! paused or partitioned leader).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,8 @@ use crate::leadership::{Leader, leader_key};
 /// Connecting to a leader that does not answer: a SIGKILLed one refuses at once, a
 /// partitioned one must not hold a caller for long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// One attempt of a call: a leader that does not answer in this time is presumed gone.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pauses between retries of a call while there is no reachable leader.
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_millis(200);
@@ -27,7 +30,7 @@ const RETRY_MAX: Duration = Duration::from_millis(200);
 pub struct LeaderClient {
     redis: ConnectionManager,
     key: String,
-    cached: Arc<Mutex<Option<WorkerManagerClient<Channel>>>>,
+    cached: Arc<Mutex<Option<(Leader, WorkerManagerClient<Channel>)>>>,
 }
 
 impl LeaderClient {
@@ -51,8 +54,15 @@ impl LeaderClient {
 
     /// A client of the leader: the one found before, or a new one.
     pub async fn client(&self) -> Result<WorkerManagerClient<Channel>, Status> {
-        if let Some(client) = self.lock().clone() {
-            return Ok(client);
+        Ok(self.client_of_leader().await?.1)
+    }
+
+    /// A client of the leader, with the leader it talks to.
+    pub async fn client_of_leader(
+        &self,
+    ) -> Result<(Leader, WorkerManagerClient<Channel>), Status> {
+        if let Some(cached) = self.lock().clone() {
+            return Ok(cached);
         }
         let leader = self
             .leader()
@@ -67,8 +77,8 @@ impl LeaderClient {
             })?
             .connect_timeout(CONNECT_TIMEOUT);
         let client = WorkerManagerClient::new(endpoint.connect_lazy());
-        *self.lock() = Some(client.clone());
-        Ok(client)
+        *self.lock() = Some((leader.clone(), client.clone()));
+        Ok((leader, client))
     }
 
     /// Drops the leader found before: the next call looks it up again.
@@ -77,8 +87,9 @@ impl LeaderClient {
     }
 
     /// Runs `call` on the leader; while the answer is `UNAVAILABLE` (no leader, a dead
-    /// one, a replica that stepped down) looks the leader up again and retries, for up
-    /// to `patience`. Other errors are returned at once.
+    /// one, a replica that stepped down) or does not come within [`ATTEMPT_TIMEOUT`]
+    /// (a paused one), looks the leader up again and retries, for up to `patience`.
+    /// Other errors are returned at once.
     pub async fn call<T, F, Fut>(&self, patience: Duration, mut call: F) -> Result<T, Status>
     where
         F: FnMut(WorkerManagerClient<Channel>) -> Fut,
@@ -88,7 +99,12 @@ impl LeaderClient {
         let mut pause = RETRY_MIN;
         loop {
             let result = match self.client().await {
-                Ok(client) => call(client).await.map(Response::into_inner),
+                Ok(client) => match tokio::time::timeout(ATTEMPT_TIMEOUT, call(client)).await {
+                    Ok(answer) => answer.map(Response::into_inner),
+                    Err(_) => Err(Status::unavailable(format!(
+                        "the orchestrator leader did not answer within {ATTEMPT_TIMEOUT:?}"
+                    ))),
+                },
                 Err(status) => Err(status),
             };
             match result {
@@ -105,7 +121,7 @@ impl LeaderClient {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<WorkerManagerClient<Channel>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Leader, WorkerManagerClient<Channel>)>> {
         self.cached.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -195,6 +195,8 @@ struct Worker {
     leaders: LeaderClient,
     sessions: Sessions,
     registered: Arc<AtomicBool>,
+    /// The fencing token of the leader the registration stream is open with.
+    registered_with: AtomicU64,
     reregister: Notify,
     metrics_addr: String,
 }
@@ -258,17 +260,20 @@ pub async fn run(
         leaders,
         sessions: Sessions::default(),
         registered,
+        registered_with: AtomicU64::new(0),
         reregister: Notify::new(),
         metrics_addr: http.to_string(),
     });
     Sessions::update_gauge(&worker.sessions.lock());
 
     let heartbeats = tokio::spawn(worker.clone().heartbeats());
+    let follower = tokio::spawn(worker.clone().follow_the_leader());
     tokio::select! {
         () = shutdown => info!("shutting down"),
         () = worker.clone().registration() => {}
     }
     heartbeats.abort();
+    follower.abort();
     worker.sessions.abort_all();
     let appenders: Vec<Appender> = worker
         .ctx
@@ -321,7 +326,7 @@ impl Worker {
             match self.register_once().await {
                 Ok(()) => {
                     failing = false;
-                    warn!("orchestrator closed the registration stream: looking for the leader")
+                    warn!("the registration stream ended: registering again")
                 }
                 // Quiet while the same failure repeats (no leader for a moment).
                 Err(status) if !failing => {
@@ -350,25 +355,23 @@ impl Worker {
             held: self.sessions.held(),
         };
         let held = request.held.len();
-        let mut commands = self
-            .leaders
-            .client()
-            .await?
-            .register_worker(request)
-            .await?
-            .into_inner();
+        let (leader, mut client) = self.leaders.client_of_leader().await?;
+        // A paused leader accepts the connection and never answers.
+        let mut commands =
+            tokio::time::timeout(REGISTER_BACKOFF_MAX * 2, client.register_worker(request))
+                .await
+                .map_err(|_| tonic::Status::unavailable("the leader did not answer"))??
+                .into_inner();
+        self.registered_with.store(leader.token, Ordering::Relaxed);
         self.registered.store(true, Ordering::Relaxed);
-        info!(worker = %self.args.worker_id, model = %self.args.model_name, capacity = self.args.capacity, held, "registered with the orchestrator");
+        info!(worker = %self.args.worker_id, model = %self.args.model_name, capacity = self.args.capacity, held, leader = %leader.replica, token = leader.token, "registered with the orchestrator leader");
         loop {
             tokio::select! {
                 message = commands.message() => match message? {
                     Some(command) => self.handle(command.command),
                     None => return Ok(()),
                 },
-                () = self.reregister.notified() => {
-                    warn!("the orchestrator does not know this worker: registering again");
-                    return Ok(());
-                }
+                () = self.reregister.notified() => return Ok(()),
             }
         }
     }
@@ -424,6 +427,29 @@ impl Worker {
         Sessions::update_gauge(&map);
     }
 
+    /// Registers again when the leader lock names another term than the one the
+    /// registration stream is with: the old leader may be paused or cut off, its
+    /// stream still open, and a new leader would otherwise never hear of this worker
+    /// (and time it out). Checked every heartbeat interval, apart from the heartbeats,
+    /// which a paused leader holds up.
+    async fn follow_the_leader(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval(self.args.heartbeat_interval());
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            if !self.registered.load(Ordering::Relaxed) {
+                continue;
+            }
+            if let Ok(Some(leader)) = self.leaders.leader().await
+                && leader.token != self.registered_with.load(Ordering::Relaxed)
+            {
+                info!(leader = %leader.replica, token = leader.token, "a new orchestrator leader: registering with it");
+                self.leaders.forget();
+                self.reregister.notify_one();
+            }
+        }
+    }
+
     async fn heartbeats(self: Arc<Self>) {
         let period = self.args.heartbeat_interval();
         let mut ticker = tokio::time::interval(period);
@@ -441,13 +467,14 @@ impl Worker {
                 self.leaders.client().await?.send_heartbeat(request).await
             })
             .await;
-            if matches!(&sent, Ok(Err(status)) if status.code() == tonic::Code::Unavailable) {
+            if !matches!(&sent, Ok(Ok(_))) {
                 self.leaders.forget();
             }
             match sent {
                 Ok(Ok(response)) => {
                     failing = false;
                     if !response.into_inner().known && self.registered.load(Ordering::Relaxed) {
+                        warn!("the orchestrator does not know this worker: registering again");
                         self.reregister.notify_one();
                     }
                 }
