@@ -25,12 +25,15 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_millis(200);
 
+/// The leader found, and a client of it.
+type Found = (Leader, WorkerManagerClient<Channel>);
+
 /// A gRPC client of whichever replica leads. Cheap to clone.
 #[derive(Clone)]
 pub struct LeaderClient {
     redis: ConnectionManager,
     key: String,
-    cached: Arc<Mutex<Option<(Leader, WorkerManagerClient<Channel>)>>>,
+    cached: Arc<Mutex<Option<Found>>>,
 }
 
 impl LeaderClient {
@@ -58,9 +61,7 @@ impl LeaderClient {
     }
 
     /// A client of the leader, with the leader it talks to.
-    pub async fn client_of_leader(
-        &self,
-    ) -> Result<(Leader, WorkerManagerClient<Channel>), Status> {
+    pub async fn client_of_leader(&self) -> Result<Found, Status> {
         if let Some(cached) = self.lock().clone() {
             return Ok(cached);
         }
@@ -121,7 +122,7 @@ impl LeaderClient {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Leader, WorkerManagerClient<Channel>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Found>> {
         self.cached.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
