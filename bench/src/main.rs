@@ -18,10 +18,14 @@
 //!
 //! `asr-bench failover --kills 50`: the failover gap when the serving recognizer is
 //! SIGKILLed inside speech (see `failover`).
+//!
+//! `asr-bench leader --kills 20`: how long the system is without an orchestrator
+//! leader when the leader is SIGKILLed (see `leader`).
 
 mod failover;
 mod heartbeats;
 mod layout;
+mod leader;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -89,6 +93,14 @@ enum Command {
         speed: f64,
         #[command(flatten)]
         settings: HeartbeatSettings,
+    },
+    /// Time without an orchestrator leader when the leader is SIGKILLed.
+    Leader {
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        /// The leader lock's lease (ASR_ORCHESTRATOR_LEASE_MS).
+        #[arg(long, default_value_t = 500)]
+        lease_ms: u64,
     },
     /// Stream per session vs partitioned streams, through the project's log code.
     Layout {
@@ -207,6 +219,7 @@ async fn main() -> anyhow::Result<()> {
             };
             failover::run(&asr_binary()?, args).await
         }
+        Command::Leader { kills, lease_ms } => leader::run(&asr_binary()?, kills, lease_ms).await,
         Command::Layout {
             sessions,
             seconds,
