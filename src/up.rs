@@ -13,6 +13,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::shutdown::{self, SUPERVISOR_PID_ENV};
 
@@ -116,44 +117,82 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a role, restarting it whenever it exits until the system stops.
+/// Runs a role, restarting it whenever it exits (or cannot be started) until the
+/// system stops.
 async fn supervise(
     exe: std::path::PathBuf,
     env: Vec<(&'static str, String)>,
     role: Role,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut restarts = 0u32;
+    let mut backoff = Backoff::default();
     loop {
+        let started = Instant::now();
         let child = Command::new(&exe)
             .args(&role.args)
             .envs(env.iter().map(|(k, v)| (*k, v)))
             .env(SUPERVISOR_PID_ENV, std::process::id().to_string())
             .kill_on_drop(true)
             .spawn();
-        let mut child = match child {
-            Ok(child) => child,
+        let delay = match child {
             Err(e) => {
-                tracing::error!(role = %role.name, error = %e, "cannot start");
-                return;
+                let delay = backoff.after_exit(started.elapsed());
+                tracing::error!(role = %role.name, error = %e, retry_in = ?delay, "cannot start");
+                delay
+            }
+            Ok(mut child) => {
+                tracing::info!(role = %role.name, pid = child.id(), "started");
+                let status = tokio::select! {
+                    status = child.wait() => status,
+                    _ = stopped(&mut stop) => {
+                        terminate(&role.name, &mut child).await;
+                        return;
+                    }
+                };
+                let delay = backoff.after_exit(started.elapsed());
+                tracing::warn!(
+                    role = %role.name, ?status, restarts = backoff.restarts, restart_in = ?delay,
+                    "exited; restarting"
+                );
+                delay
             }
         };
-        tracing::info!(role = %role.name, pid = child.id(), "started");
-        let status = tokio::select! {
-            status = child.wait() => status,
-            _ = stopped(&mut stop) => {
-                terminate(&role.name, &mut child).await;
-                return;
-            }
-        };
-        restarts += 1;
-        tracing::warn!(role = %role.name, ?status, restarts, "exited; restarting");
-        // Back off a little so a role that cannot start does not spin.
-        let backoff = Duration::from_millis(200 * u64::from(restarts.min(10)));
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = stopped(&mut stop) => return,
         }
+    }
+}
+
+/// The first restart delay, doubled for each quick exit in a row, up to the maximum.
+const RESTART_DELAY_MIN: Duration = Duration::from_millis(100);
+const RESTART_DELAY_MAX: Duration = Duration::from_secs(5);
+/// A process that ran this long was healthy: its exit (a crash, a kill) starts the
+/// delays over.
+const HEALTHY_RUN: Duration = Duration::from_secs(10);
+
+/// When to restart a role: at once after a healthy run, so that a killed worker is
+/// replaced quickly however many times it was killed before; backing off, within a
+/// bound, while it keeps exiting quickly, so that a role that cannot start does not
+/// spin.
+#[derive(Debug, Default)]
+struct Backoff {
+    quick_exits: u32,
+    restarts: u64,
+}
+
+impl Backoff {
+    /// The delay before the next start of a process that exited after running `ran`.
+    fn after_exit(&mut self, ran: Duration) -> Duration {
+        if ran >= HEALTHY_RUN {
+            self.quick_exits = 0;
+        }
+        let delay = RESTART_DELAY_MIN
+            .saturating_mul(1 << self.quick_exits.min(16))
+            .min(RESTART_DELAY_MAX);
+        self.quick_exits = self.quick_exits.saturating_add(1);
+        self.restarts += 1;
+        delay
     }
 }
 
@@ -186,4 +225,35 @@ async fn wait_for_port(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUICK: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_role_that_ran_a_while_is_restarted_at_once_however_often_it_died() {
+        let mut backoff = Backoff::default();
+        for _ in 0..1000 {
+            assert_eq!(backoff.after_exit(HEALTHY_RUN * 6), RESTART_DELAY_MIN);
+        }
+        assert_eq!(backoff.restarts, 1000);
+    }
+
+    #[test]
+    fn quick_exits_back_off_doubling_up_to_a_bound_and_a_healthy_run_starts_over() {
+        let mut backoff = Backoff::default();
+        let delays: Vec<u64> = (0..8)
+            .map(|_| backoff.after_exit(QUICK).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        // It never stops restarting, nor grows past the bound, however long it fails.
+        for _ in 0..100_000 {
+            assert_eq!(backoff.after_exit(Duration::ZERO), RESTART_DELAY_MAX);
+        }
+        assert_eq!(backoff.after_exit(HEALTHY_RUN), RESTART_DELAY_MIN);
+        assert_eq!(backoff.after_exit(QUICK), RESTART_DELAY_MIN * 2);
+    }
 }
