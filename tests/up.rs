@@ -1,0 +1,611 @@
+//! `asr up` as a supervisor, with real processes: it restarts a recognizer that was
+//! SIGKILLed on its own (a fresh process under the same worker id, registered again),
+//! again and again, without touching the other children; and its children die with
+//! it, whether it is SIGKILLed or stopped by SIGTERM.
+//!
+//! Everything is observed, never waited for blindly: the children are found in /proc
+//! (processes whose parent is the `asr up` process), readiness through each
+//! recognizer's `/readyz` and the orchestrator's registry in Redis (`{ns}:workers`,
+//! `{ns}:worker:{id}`), with short polling only.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use client::StreamOptions;
+use eventlog::log::{LogConfig, StreamLog};
+use eventlog::streams::StreamLayout;
+use futures::FutureExt;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use testkit::free_port;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+const PARTITIONS: u16 = 4;
+const POLL: Duration = Duration::from_millis(25);
+
+/// A process as /proc shows it; `start` (clock ticks since boot) tells a fresh
+/// process from an old one even if the kernel reused the pid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Proc {
+    pid: u32,
+    ppid: u32,
+    state: char,
+    start: u64,
+    args: Vec<String>,
+}
+
+impl Proc {
+    fn read(pid: u32) -> Option<Proc> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        Some(Proc {
+            pid,
+            state: fields.first()?.chars().next()?,
+            ppid: fields.get(1)?.parse().ok()?,
+            start: fields.get(19)?.parse().ok()?,
+            args: cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect(),
+        })
+    }
+
+    /// Still running: the same process (not a reused pid), not a zombie.
+    fn alive(&self) -> bool {
+        Proc::read(self.pid).is_some_and(|now| now.start == self.start && !"ZX".contains(now.state))
+    }
+
+    /// The role as `asr up` names it: `orchestrator`, `ingest` or the worker id.
+    fn role(&self) -> Option<String> {
+        match self.args.get(1)?.as_str() {
+            "recognizer" => self
+                .args
+                .iter()
+                .find_map(|a| a.strip_prefix("--worker-id="))
+                .map(str::to_string),
+            role @ ("orchestrator" | "ingest") => Some(role.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// The live children of `parent`, by role.
+fn children(parent: u32) -> BTreeMap<String, Proc> {
+    let mut found = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        if let Some(p) = Proc::read(pid)
+            && p.ppid == parent
+            && !"ZX".contains(p.state)
+            && let Some(role) = p.role()
+        {
+            found.insert(role, p);
+        }
+    }
+    found
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// One Redis command over RESP (the `asr` package has no Redis client of its own).
+#[derive(Debug, PartialEq)]
+enum Resp {
+    Nil,
+    Int(i64),
+    Str(String),
+    Array(Vec<Resp>),
+}
+
+fn redis(command: &[&str]) -> Resp {
+    let mut stream = std::net::TcpStream::connect("127.0.0.1:6379").expect("redis");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut request = format!("*{}\r\n", command.len());
+    for arg in command {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    stream.write_all(request.as_bytes()).expect("redis write");
+    read_resp(&mut BufReader::new(stream))
+}
+
+fn read_resp(reader: &mut impl BufRead) -> Resp {
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("redis read");
+    let line = line.trim_end();
+    let (kind, rest) = line.split_at(1);
+    match kind {
+        "+" => Resp::Str(rest.to_string()),
+        "-" => panic!("redis error: {rest}"),
+        ":" => Resp::Int(rest.parse().unwrap()),
+        "$" | "*" if rest == "-1" => Resp::Nil,
+        "$" => {
+            let mut bytes = vec![0; rest.parse::<usize>().unwrap() + 2];
+            std::io::Read::read_exact(reader, &mut bytes).expect("redis read");
+            bytes.truncate(bytes.len() - 2);
+            Resp::Str(String::from_utf8_lossy(&bytes).into_owned())
+        }
+        "*" => Resp::Array(
+            (0..rest.parse().unwrap())
+                .map(|_| read_resp(reader))
+                .collect(),
+        ),
+        _ => panic!("unexpected redis reply {line:?}"),
+    }
+}
+
+fn strings(reply: Resp) -> Vec<String> {
+    match reply {
+        Resp::Array(items) => items
+            .into_iter()
+            .filter_map(|i| match i {
+                Resp::Str(s) => Some(s),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `GET /readyz` answered 200.
+async fn ready(port: u16) -> bool {
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        std::io::Result::Ok(response.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), probe).await,
+        Ok(Ok(true))
+    )
+}
+
+async fn port_open(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+}
+
+/// `n` consecutive ports that were free a moment ago (the recognizers' ops ports).
+fn free_ports(n: u16) -> u16 {
+    loop {
+        let base = free_port();
+        if base.checked_add(n).is_some()
+            && (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+        {
+            return base;
+        }
+    }
+}
+
+/// One `asr up`, in a namespace of its own, on free ports, logging to a file.
+struct Up {
+    child: Child,
+    pid: u32,
+    namespace: String,
+    ingest_port: u16,
+    recognizer_base_port: u16,
+    recognizers: u16,
+    log: PathBuf,
+    /// Every child ever seen, so that cleanup leaves none behind even when supervision
+    /// is broken.
+    seen: Mutex<Vec<Proc>>,
+}
+
+impl Up {
+    fn start(recognizers: u16) -> Up {
+        let namespace = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let log = std::env::temp_dir().join(format!("asr-up-{namespace}.log"));
+        let (ingest_port, grpc_port, http_port) = (free_port(), free_port(), free_port());
+        let recognizer_base_port = free_ports(recognizers);
+        let child = Command::new(env!("CARGO_BIN_EXE_asr"))
+            .args([
+                "up".to_string(),
+                format!("--recognizers={recognizers}"),
+                format!("--listen=127.0.0.1:{ingest_port}"),
+                format!("--grpc-addr=127.0.0.1:{grpc_port}"),
+                format!("--orchestrator-http-addr=127.0.0.1:{http_port}"),
+                format!("--recognizer-base-port={recognizer_base_port}"),
+                format!("--namespace={namespace}"),
+                format!("--partitions={PARTITIONS}"),
+            ])
+            .env("RUST_LOG", "info")
+            .env_remove("ASR_SUPERVISOR_PID")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting asr up");
+        let pid = child.id().expect("asr up's pid");
+        Up {
+            child,
+            pid,
+            namespace,
+            ingest_port,
+            recognizer_base_port,
+            recognizers,
+            log,
+            seen: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The live children of `asr up`, by role.
+    fn children(&self) -> BTreeMap<String, Proc> {
+        let kids = children(self.pid);
+        let mut seen = self.seen.lock().unwrap();
+        for p in kids.values() {
+            if !seen.contains(p) {
+                seen.push(p.clone());
+            }
+        }
+        kids
+    }
+
+    fn worker_ids(&self) -> Vec<String> {
+        (1..=self.recognizers)
+            .map(|i| format!("recognizer-{i}"))
+            .collect()
+    }
+
+    fn ops_port(&self, worker: &str) -> u16 {
+        let i: u16 = worker["recognizer-".len()..].parse().unwrap();
+        self.recognizer_base_port + i - 1
+    }
+
+    fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/v1/stream", self.ingest_port)
+    }
+
+    /// The worker ids the orchestrator's registry holds.
+    fn registered(&self) -> Vec<String> {
+        let mut ids = strings(redis(&["SMEMBERS", &format!("{}:workers", self.namespace)]));
+        ids.sort();
+        ids
+    }
+
+    /// When the worker last registered, as the registry says.
+    fn registered_at_ms(&self, worker: &str) -> Option<u64> {
+        let key = format!("{}:worker:{worker}", self.namespace);
+        match redis(&["HGET", &key, "registered_at_ms"]) {
+            Resp::Str(ms) => ms.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// The worker serves its ops port with /readyz 200 and is in the registry,
+    /// registered at `since_ms` or later.
+    async fn worker_ready(&self, worker: &str, since_ms: u64) -> bool {
+        self.registered_at_ms(worker)
+            .is_some_and(|at| at >= since_ms)
+            && self.registered().iter().any(|w| w == worker)
+            && ready(self.ops_port(worker)).await
+    }
+
+    async fn all_workers_ready(&self) -> bool {
+        for worker in self.worker_ids() {
+            if !self.worker_ready(&worker, 0).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics with the log if `asr up` exited.
+    fn assert_running(&mut self, what: &str) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "asr up exited ({status}) while {what}; its log:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    /// Polls `check` until it holds, failing with the log after `limit`.
+    async fn wait_until<F: AsyncFnMut(&Up) -> bool>(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut check: F,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            self.assert_running(what);
+            if check(self).await {
+                return started.elapsed();
+            }
+            if started.elapsed() > limit {
+                panic!(
+                    "not within {limit:?}: {what}; children now {:?}; registry {:?}; the log:\n{}",
+                    self.children().keys().collect::<Vec<_>>(),
+                    self.registered(),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until ingest accepts connections and every recognizer is registered;
+    /// returns the children by role.
+    async fn wait_ready(&mut self) -> BTreeMap<String, Proc> {
+        let took = self
+            .wait_until("the system comes up", Duration::from_secs(90), async |up| {
+                port_open(up.ingest_port).await && up.all_workers_ready().await
+            })
+            .await;
+        println!("asr up ready in {took:.2?}");
+        let kids = self.children();
+        let mut roles = vec!["ingest".to_string(), "orchestrator".to_string()];
+        roles.extend(self.worker_ids());
+        roles.sort();
+        assert_eq!(
+            kids.keys().cloned().collect::<Vec<_>>(),
+            roles,
+            "asr up's children: {kids:?}"
+        );
+        kids
+    }
+
+    /// Stops `asr up` if it still runs (and SIGKILLs any child that outlived it), then
+    /// removes the namespace's streams and Redis keys, and the log unless `keep_log`.
+    async fn cleanup(self, keep_log: bool) {
+        let (namespace, log) = (self.namespace.clone(), self.log.clone());
+        let seen = std::mem::take(&mut *self.seen.lock().unwrap());
+        let mut up = self;
+        if let Ok(None) = up.child.try_wait() {
+            let _ = kill(Pid::from_raw(up.pid as i32), Signal::SIGTERM);
+            let _ = tokio::time::timeout(Duration::from_secs(10), up.child.wait()).await;
+        }
+        drop(up); // kill_on_drop: SIGKILL if it still runs
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.iter().any(Proc::alive) && Instant::now() < deadline {
+            tokio::time::sleep(POLL).await;
+        }
+        for p in seen.iter().filter(|p| p.alive()) {
+            eprintln!("SIGKILL {p:?}: it outlived asr up");
+            sigkill(p);
+        }
+        if let Ok(stream_log) = StreamLog::connect(&LogConfig::default()).await {
+            let layout = StreamLayout::new(namespace.clone(), PARTITIONS);
+            stream_log.delete_streams(&layout.all_streams()).await;
+        }
+        let keys = strings(redis(&["KEYS", &format!("{namespace}:*")]));
+        if !keys.is_empty() {
+            let mut del = vec!["DEL"];
+            del.extend(keys.iter().map(String::as_str));
+            redis(&del);
+        }
+        if keep_log {
+            eprintln!("asr up's log: {}", log.display());
+        } else {
+            let _ = std::fs::remove_file(log);
+        }
+    }
+}
+
+/// Runs `test` against a fresh `asr up` with `recognizers` workers, holding the
+/// heavy-test lock, and cleans up after it, also when it fails.
+async fn with_up(recognizers: u16, test: impl AsyncFnOnce(&mut Up)) {
+    let _serial = testkit::serial::heavy();
+    let mut up = Up::start(recognizers);
+    let outcome = AssertUnwindSafe(test(&mut up)).catch_unwind().await;
+    up.cleanup(outcome.is_err()).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn sigkill(p: &Proc) {
+    kill(Pid::from_raw(p.pid as i32), Signal::SIGKILL)
+        .unwrap_or_else(|e| panic!("SIGKILL {}: {e}", p.pid));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_recognizer_is_replaced_by_a_fresh_process_every_time() {
+    with_up(2, async |up| {
+        let mut kids = up.wait_ready().await;
+
+        let rounds: [&[&str]; 4] = [
+            &["recognizer-1"],
+            &["recognizer-2"],
+            &["recognizer-1", "recognizer-2"],
+            &["recognizer-1"],
+        ];
+        for (round, victims) in rounds.iter().enumerate() {
+            let killed_at_ms = now_ms();
+            let killed_at = Instant::now();
+            for victim in *victims {
+                sigkill(&kids[*victim]);
+            }
+            // A fresh process appears under each victim's worker id and registers (the
+            // orchestrator dropped the dead one when its registration stream broke).
+            let mut replaced = BTreeMap::new();
+            let mut registered = BTreeMap::new();
+            up.wait_until(
+                &format!("fresh processes replace and register {victims:?}"),
+                Duration::from_secs(30),
+                async |up| {
+                    let now = up.children();
+                    for victim in *victims {
+                        let old = &kids[*victim];
+                        if !replaced.contains_key(victim)
+                            && now.get(*victim).is_some_and(|p| p.start != old.start)
+                        {
+                            assert!(!old.alive(), "the killed {victim} is gone");
+                            replaced.insert(*victim, killed_at.elapsed());
+                        }
+                        if replaced.contains_key(victim)
+                            && !registered.contains_key(victim)
+                            && up.worker_ready(victim, killed_at_ms).await
+                        {
+                            registered.insert(*victim, killed_at.elapsed());
+                        }
+                    }
+                    registered.len() == victims.len()
+                },
+            )
+            .await;
+            for victim in *victims {
+                println!(
+                    "round {}: {victim} SIGKILLed; a new process after {:.2?}, registered after {:.2?}",
+                    round + 1,
+                    replaced[victim],
+                    registered[victim],
+                );
+            }
+            // Nobody else was touched, and every worker is back.
+            let now = up.children();
+            for (role, before) in &kids {
+                if victims.contains(&role.as_str()) {
+                    assert_ne!(now[role].pid, before.pid, "{role} is a new process");
+                } else {
+                    assert_eq!(now.get(role), Some(before), "{role} kept its process");
+                }
+            }
+            // Every worker is registered and ready. Polled, not asserted at one instant: a
+            // freshly registered recognizer may re-register once right away (its first
+            // heartbeat can reach the orchestrator before its registration does).
+            up.wait_until(
+                "every worker is registered",
+                Duration::from_secs(10),
+                async |up| up.all_workers_ready().await,
+            )
+            .await;
+            kids = now;
+        }
+
+        // The system still serves: a session streamed through it completes.
+        let sentence = "please send an ambulance to the main street";
+        let options = StreamOptions {
+            url: up.ws_url(),
+            speed: 0.0,
+            completion_timeout: Duration::from_secs(60),
+            ..StreamOptions::default()
+        };
+        let recording = testkit::speech::sentences(&[sentence], 800);
+        let outcome = match client::stream(&options, &recording, |_| {}).await {
+            Ok(outcome) => outcome,
+            Err(e) => panic!("the session failed: {e}; the log:\n{}", up.log()),
+        };
+        println!("after the kills, heard {:?}", outcome.transcript);
+        assert!(
+            !outcome.transcript.trim().is_empty(),
+            "a transcript after the kills"
+        );
+        up.assert_running("the session ran");
+        assert_eq!(up.children(), kids, "no child died during the session");
+    })
+    .await;
+}
+
+/// Waits until none of `procs` runs any more; returns how long that took.
+async fn all_gone(procs: &[Proc], limit: Duration, log: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let alive: Vec<&Proc> = procs.iter().filter(|p| p.alive()).collect();
+        if alive.is_empty() {
+            return started.elapsed();
+        }
+        if started.elapsed() > limit {
+            panic!("still running after {limit:?}: {alive:?}; the log:\n{log}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn children_die_with_a_sigkilled_asr_up() {
+    with_up(2, async |up| {
+        let kids: Vec<Proc> = up.wait_ready().await.into_values().collect();
+        up.child.kill().await.expect("SIGKILL asr up"); // and reap it
+        let took = all_gone(&kids, Duration::from_secs(5), &up.log()).await;
+        println!(
+            "every child of a SIGKILLed asr up exited within {took:.2?}: {:?}",
+            kids.iter().map(|p| p.pid).collect::<Vec<_>>()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn children_die_with_a_sigkilled_asr_up_even_while_they_start() {
+    with_up(2, async |up| {
+        // As soon as both recognizers run, and long before their model is loaded.
+        let mut roles = vec!["ingest".to_string(), "orchestrator".to_string()];
+        roles.extend(up.worker_ids());
+        roles.sort();
+        up.wait_until(
+            "asr up starts its children",
+            Duration::from_secs(60),
+            async |up| up.children().keys().cloned().collect::<Vec<_>>() == roles,
+        )
+        .await;
+        let kids: Vec<Proc> = up.children().into_values().collect();
+        let loaded = |log: &str| log.matches("model loaded").count();
+        let loaded_before = loaded(&up.log());
+        up.child.kill().await.expect("SIGKILL asr up");
+        let took = all_gone(&kids, Duration::from_secs(2), &up.log()).await;
+        let log = up.log();
+        println!(
+            "every child of asr up SIGKILLed while starting exited within {took:.2?} ({loaded_before} models loaded at the kill)"
+        );
+        assert_eq!(
+            loaded(&log),
+            loaded_before,
+            "the recognizers died while loading their model, not after it:\n{log}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_every_child_and_asr_up_exits_zero() {
+    with_up(2, async |up| {
+        let kids: Vec<Proc> = up.wait_ready().await.into_values().collect();
+        let sent = Instant::now();
+        kill(Pid::from_raw(up.pid as i32), Signal::SIGTERM).expect("SIGTERM asr up");
+        let status = tokio::time::timeout(Duration::from_secs(20), up.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("asr up still runs 20 s after SIGTERM:\n{}", up.log()))
+            .expect("waiting for asr up");
+        let took = sent.elapsed();
+        let log = up.log();
+        assert!(status.success(), "asr up exited with {status}; log:\n{log}");
+        // asr up waits for its children before it exits: none is left.
+        let alive: Vec<&Proc> = kids.iter().filter(|p| p.alive()).collect();
+        assert!(
+            alive.is_empty(),
+            "children outlived asr up: {alive:?}\n{log}"
+        );
+        assert!(
+            !log.contains("did not stop within"),
+            "every child stopped on SIGTERM, none had to be killed:\n{log}"
+        );
+        println!("SIGTERM: asr up and its children stopped in {took:.2?}");
+    })
+    .await;
+}
