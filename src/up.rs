@@ -1,7 +1,7 @@
-//! `asr up`: the whole system on one machine. The orchestrator, the ingest gateway and
-//! N recognizers run as child processes of this one (the same binary), each restarted
-//! when it dies; Ctrl-C stops them all, and they stop by themselves if this supervisor
-//! is killed (see `shutdown`).
+//! `asr up`: the whole system on one machine. Orchestrator replicas (one leads, the
+//! others stand by), the ingest gateway and N recognizers run as child processes of
+//! this one (the same binary), each restarted when it dies; Ctrl-C stops them all, and
+//! they stop by themselves if this supervisor is killed (see `shutdown`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,17 +22,21 @@ pub struct UpArgs {
     /// Number of recognizer worker processes.
     #[arg(long, env = "ASR_RECOGNIZERS", default_value_t = 2)]
     recognizers: u16,
+    /// Number of orchestrator replicas (`orchestrator-1` …): one leads, the others take
+    /// over within the heartbeat timeout if it dies.
+    #[arg(long, env = "ASR_ORCHESTRATORS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    orchestrators: u16,
     /// Ingest WebSocket listen address.
     #[arg(long, env = "ASR_INGEST_ADDR", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Orchestrator gRPC listen address.
+    /// The first orchestrator replica's gRPC address; the next listens on port + 1, ….
     #[arg(
         long,
         env = "ASR_ORCHESTRATOR_GRPC_ADDR",
         default_value = "127.0.0.1:50051"
     )]
     grpc_addr: SocketAddr,
-    /// Orchestrator metrics/health address.
+    /// The first orchestrator replica's metrics/health address; the next on port + 1, ….
     #[arg(
         long,
         env = "ASR_ORCHESTRATOR_HTTP_ADDR",
@@ -53,23 +57,22 @@ struct Role {
 }
 
 impl UpArgs {
-    fn roles(&self) -> (Role, Role, Vec<Role>) {
-        let grpc_url = format!("http://{}", self.grpc_addr);
-        let orchestrator = Role {
-            name: "orchestrator".into(),
-            args: vec![
-                "orchestrator".into(),
-                format!("--grpc-addr={}", self.grpc_addr),
-                format!("--http-addr={}", self.orchestrator_http_addr),
-            ],
-        };
+    fn roles(&self) -> (Vec<Role>, Role, Vec<Role>) {
+        let shifted = |addr: SocketAddr, by: u16| SocketAddr::new(addr.ip(), addr.port() + by);
+        let orchestrators = (0..self.orchestrators)
+            .map(|i| Role {
+                name: format!("orchestrator-{}", i + 1),
+                args: vec![
+                    "orchestrator".into(),
+                    format!("--replica-id=orchestrator-{}", i + 1),
+                    format!("--grpc-addr={}", shifted(self.grpc_addr, i)),
+                    format!("--http-addr={}", shifted(self.orchestrator_http_addr, i)),
+                ],
+            })
+            .collect();
         let ingest = Role {
             name: "ingest".into(),
-            args: vec![
-                "ingest".into(),
-                format!("--listen={}", self.listen),
-                format!("--orchestrator-url={grpc_url}"),
-            ],
+            args: vec!["ingest".into(), format!("--listen={}", self.listen)],
         };
         let recognizers = (0..self.recognizers)
             .map(|i| Role {
@@ -77,12 +80,11 @@ impl UpArgs {
                 args: vec![
                     "recognizer".into(),
                     format!("--worker-id=recognizer-{}", i + 1),
-                    format!("--orchestrator-url={grpc_url}"),
                     format!("--http-addr=127.0.0.1:{}", self.recognizer_base_port + i),
                 ],
             })
             .collect();
-        (orchestrator, ingest, recognizers)
+        (orchestrators, ingest, recognizers)
     }
 }
 
@@ -90,14 +92,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the asr binary")?;
     let env = args.shared.to_env();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (orchestrator, ingest, recognizers) = args.roles();
+    let (orchestrators, ingest, recognizers) = args.roles();
 
     let spawn = |role: Role| {
         let (exe, env, stop) = (exe.clone(), env.clone(), stop_rx.clone());
         tokio::spawn(supervise(exe, env, role, stop))
     };
-    let mut tasks = vec![spawn(orchestrator)];
-    wait_for_port(args.grpc_addr, "orchestrator").await?;
+    let mut tasks: Vec<_> = orchestrators.into_iter().map(spawn).collect();
+    wait_for_port(args.grpc_addr, "orchestrator-1").await?;
     tasks.push(spawn(ingest));
     tasks.extend(recognizers.into_iter().map(spawn));
     wait_for_port(args.listen, "ingest").await?;
@@ -105,6 +107,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         url = %format!("ws://{}/v1/stream", args.listen),
         metrics = %format!("http://{}/metrics", args.listen),
         recognizers = args.recognizers,
+        orchestrators = args.orchestrators,
         "system up: stream audio with `asr transcribe FILE.wav`; Ctrl-C stops everything"
     );
 

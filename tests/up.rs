@@ -27,6 +27,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 const PARTITIONS: u16 = 4;
+/// `asr up`'s default: a leader and a standby.
+const ORCHESTRATORS: u16 = 2;
 const POLL: Duration = Duration::from_millis(25);
 
 /// A process as /proc shows it; `start` (clock ticks since boot) tells a fresh
@@ -64,15 +66,18 @@ impl Proc {
         Proc::read(self.pid).is_some_and(|now| now.start == self.start && !"ZX".contains(now.state))
     }
 
-    /// The role as `asr up` names it: `orchestrator`, `ingest` or the worker id.
+    /// The role as `asr up` names it: the replica id, `ingest` or the worker id.
     fn role(&self) -> Option<String> {
-        match self.args.get(1)?.as_str() {
-            "recognizer" => self
-                .args
+        let flag = |name: &str| {
+            self.args
                 .iter()
-                .find_map(|a| a.strip_prefix("--worker-id="))
-                .map(str::to_string),
-            role @ ("orchestrator" | "ingest") => Some(role.to_string()),
+                .find_map(|a| a.strip_prefix(name))
+                .map(str::to_string)
+        };
+        match self.args.get(1)?.as_str() {
+            "recognizer" => flag("--worker-id="),
+            "orchestrator" => flag("--replica-id="),
+            "ingest" => Some("ingest".to_string()),
             _ => None,
         }
     }
@@ -186,7 +191,8 @@ async fn port_open(port: u16) -> bool {
         .is_ok()
 }
 
-/// `n` consecutive ports that were free a moment ago (the recognizers' ops ports).
+/// `n` consecutive ports that were free a moment ago (`asr up` numbers its replicas' and
+/// recognizers' ports up from a base).
 fn free_ports(n: u16) -> u16 {
     loop {
         let base = free_port();
@@ -216,7 +222,8 @@ impl Up {
     fn start(recognizers: u16) -> Up {
         let namespace = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let log = std::env::temp_dir().join(format!("asr-up-{namespace}.log"));
-        let (ingest_port, grpc_port, http_port) = (free_port(), free_port(), free_port());
+        let ingest_port = free_port();
+        let (grpc_port, http_port) = (free_ports(ORCHESTRATORS), free_ports(ORCHESTRATORS));
         let recognizer_base_port = free_ports(recognizers);
         let child = Command::new(env!("CARGO_BIN_EXE_asr"))
             .args([
@@ -359,7 +366,8 @@ impl Up {
             .await;
         println!("asr up ready in {took:.2?}");
         let kids = self.children();
-        let mut roles = vec!["ingest".to_string(), "orchestrator".to_string()];
+        let mut roles = vec!["ingest".to_string()];
+        roles.extend((1..=ORCHESTRATORS).map(|i| format!("orchestrator-{i}")));
         roles.extend(self.worker_ids());
         roles.sort();
         assert_eq!(
@@ -555,7 +563,8 @@ async fn children_die_with_a_sigkilled_asr_up() {
 async fn children_die_with_a_sigkilled_asr_up_even_while_they_start() {
     with_up(2, async |up| {
         // As soon as both recognizers run, and long before their model is loaded.
-        let mut roles = vec!["ingest".to_string(), "orchestrator".to_string()];
+        let mut roles = vec!["ingest".to_string()];
+        roles.extend((1..=ORCHESTRATORS).map(|i| format!("orchestrator-{i}")));
         roles.extend(up.worker_ids());
         roles.sort();
         up.wait_until(

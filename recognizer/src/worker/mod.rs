@@ -457,6 +457,11 @@ impl Worker {
         let mut failing = false;
         loop {
             ticker.tick().await;
+            // Nobody to tell yet: a heartbeat overtaking the registration would be
+            // answered "unknown" and start the registration over.
+            if !self.registered.load(Ordering::Relaxed) {
+                continue;
+            }
             let request = SendHeartbeatRequest {
                 worker_id: self.args.worker_id.clone(),
                 model_name: self.args.model_name.clone(),
