@@ -511,7 +511,9 @@ impl Inner {
         worker: WorkerRecord,
         reason: &str,
     ) -> Result<(), ServiceError> {
-        let unfinished = self.requeue(&worker, &[], reason).await?;
+        let unfinished = self.unfinished(&worker, &[]).await?;
+        self.log_loss(&worker, reason, unfinished.len()).await?;
+        self.remove(&worker, &unfinished).await?;
         // Dropping the connection after the revokes ends the stream once they are sent.
         if let Some(connection) = connections.remove(&worker.id) {
             for session in &unfinished {
@@ -522,17 +524,14 @@ impl Inner {
         Ok(())
     }
 
-    /// Removes a worker's record, putting back at the head of the queue the sessions it
-    /// held except those in `kept` (which it still serves, under the recorded epoch).
-    /// When some must move, that is a loss: `WorkerLost` is logged first. Returns the
-    /// sessions that moved.
-    async fn requeue(
+    /// The sessions the registry gives `worker` that are not finished, except those in
+    /// `kept` (which it says it still serves, under the recorded epoch).
+    async fn unfinished(
         &self,
         worker: &WorkerRecord,
         kept: &[SessionRecord],
-        reason: &str,
     ) -> Result<Vec<SessionRecord>, ServiceError> {
-        let mut moved = Vec::new();
+        let mut unfinished = Vec::new();
         for &id in &worker.sessions {
             if let Some(session) = self.registry.session(id).await?
                 && session.state == SessionState::Assigned
@@ -541,28 +540,44 @@ impl Inner {
                     .iter()
                     .any(|k| k.id == session.id && k.epoch == session.epoch)
             {
-                moved.push(session);
+                unfinished.push(session);
             }
         }
-        if !moved.is_empty() || kept.is_empty() {
-            self.append_control(
-                None,
-                Event::WorkerLost {
-                    worker: worker.id.clone(),
-                    reason: reason.to_string(),
-                    token: self.token(),
-                },
-            )
-            .await?;
-            telemetry::worker_lost();
-            warn!(worker = %worker.id, reason, sessions = moved.len(), "worker lost");
-        }
+        Ok(unfinished)
+    }
+
+    async fn log_loss(
+        &self,
+        worker: &WorkerRecord,
+        reason: &str,
+        sessions: usize,
+    ) -> Result<(), ServiceError> {
+        self.append_control(
+            None,
+            Event::WorkerLost {
+                worker: worker.id.clone(),
+                reason: reason.to_string(),
+                token: self.token(),
+            },
+        )
+        .await?;
+        telemetry::worker_lost();
+        warn!(worker = %worker.id, reason, sessions, "worker lost");
+        Ok(())
+    }
+
+    /// Removes a worker's record and puts `moving` back at the head of the queue.
+    async fn remove(
+        &self,
+        worker: &WorkerRecord,
+        moving: &[SessionRecord],
+    ) -> Result<(), ServiceError> {
         let order =
-            allocator::head_push_order(moved.iter().map(|s| (s.id, s.requested_at_ms)).collect());
+            allocator::head_push_order(moving.iter().map(|s| (s.id, s.requested_at_ms)).collect());
         self.registry
             .remove_worker(worker, &order, now_ms())
             .await?;
-        Ok(moved)
+        Ok(())
     }
 
     async fn register(&self, request: RegisterWorkerRequest) -> Result<WorkerStream, ServiceError> {
@@ -579,9 +594,18 @@ impl Inner {
         connections.remove(&request.worker_id);
         if let Some(previous) = self.registry.worker(&request.worker_id).await? {
             // The same id again: a new process (whatever the old one held moves on,
-            // with a new epoch) or the same one after its stream broke (what it still
-            // serves stays).
-            self.requeue(&previous, &held, "re-registered").await?;
+            // with a new epoch) or the same one after its stream broke (a new leader,
+            // Redis lost its data: what it still serves stays).
+            let moving = self.unfinished(&previous, &held).await?;
+            if !moving.is_empty() {
+                self.log_loss(
+                    &previous,
+                    "registered again without its sessions",
+                    moving.len(),
+                )
+                .await?;
+            }
+            self.remove(&previous, &moving).await?;
         }
         // proto3 has no "unset": a capacity of 0 means the default, one session.
         let capacity = request.capacity.max(1);
