@@ -42,9 +42,12 @@ const MAX_RESULT_BYTES: usize = 16 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Registering again after the stream broke: quickly, since a new leader times the
-/// workers out a heartbeat timeout after its term began.
+/// workers out a heartbeat timeout after its term began, and at most a fifth of that
+/// apart while no leader answers (a Redis GET and a refused connection: cheap).
 const REGISTER_BACKOFF_MIN: Duration = Duration::from_millis(50);
-const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(1);
+const REGISTER_BACKOFF_MAX: Duration = Duration::from_millis(200);
+/// A leader that has not answered a registration in this time is presumed paused.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a finished session's release keeps being retried (through leader
 /// failovers) before the slot is left for the orchestrator to reclaim.
 const RELEASE_PATIENCE: Duration = Duration::from_secs(30);
@@ -357,11 +360,10 @@ impl Worker {
         let held = request.held.len();
         let (leader, mut client) = self.leaders.client_of_leader().await?;
         // A paused leader accepts the connection and never answers.
-        let mut commands =
-            tokio::time::timeout(REGISTER_BACKOFF_MAX * 2, client.register_worker(request))
-                .await
-                .map_err(|_| tonic::Status::unavailable("the leader did not answer"))??
-                .into_inner();
+        let mut commands = tokio::time::timeout(REGISTER_TIMEOUT, client.register_worker(request))
+            .await
+            .map_err(|_| tonic::Status::unavailable("the leader did not answer"))??
+            .into_inner();
         self.registered_with.store(leader.token, Ordering::Relaxed);
         self.registered.store(true, Ordering::Relaxed);
         info!(worker = %self.args.worker_id, model = %self.args.model_name, capacity = self.args.capacity, held, leader = %leader.replica, token = leader.token, "registered with the orchestrator leader");
