@@ -15,7 +15,7 @@ use eventlog::Event;
 use eventlog::control::ControlFilter;
 use eventlog::log::ReadFrom;
 use testkit::failover::{
-    Reference, Watch, completed, holder, read_stream, session_results, stream,
+    Holder, Reference, Watch, completed, holder, read_stream, session_results, stream,
 };
 use testkit::system::{System, SystemConfig};
 use testkit::wer::word_error_rate;
@@ -77,15 +77,22 @@ async fn acked_past(watch: &mut Watch, frame: u64) {
         .await;
 }
 
-/// SIGKILLs the session's current worker (above `after_epoch`) and starts a fresh
-/// recognizer in the background; returns the killed assignment's epoch.
-async fn kill_the_worker(system: &mut System, session: Uuid, after_epoch: u64) -> u64 {
+/// SIGKILLs the session's current worker (above `after_epoch`), starting it again in
+/// the background if `restart`; returns the killed assignment.
+async fn kill_the_worker(
+    system: &mut System,
+    session: Uuid,
+    after_epoch: u64,
+    restart: bool,
+) -> Holder {
     let held = holder(system, session, after_epoch).await;
     assert!(!held.done, "the session finished before the kill");
     system.kill(&held.worker).await;
-    system.restart(&held.worker).await;
+    if restart {
+        system.restart(&held.worker).await;
+    }
     println!("SIGKILLed {} (epoch {})", held.worker, held.epoch);
-    held.epoch
+    held
 }
 
 /// The session's assignments as the control stream tells them (a deposed leader's
@@ -159,7 +166,7 @@ async fn the_leader_is_sigkilled_mid_session_and_the_standby_carries_on() {
 
         // A recognizer failover under the new leader.
         acked_past(&mut watch, within(reference, 1, 0.5)).await;
-        let epoch = kill_the_worker(&mut system, session, 0).await;
+        let epoch = kill_the_worker(&mut system, session, 0, true).await.epoch;
         let next = holder(&system, session, epoch).await;
         assert_eq!(next.epoch, epoch + 1);
         watch.finish().await;
@@ -230,7 +237,7 @@ async fn redis_loses_its_data_mid_session_and_the_session_carries_on() {
             None,
             "the wiped checkpoint is not back yet: the replacement starts from the beginning"
         );
-        let epoch = kill_the_worker(&mut system, session, 0).await;
+        let epoch = kill_the_worker(&mut system, session, 0, true).await.epoch;
         assert_eq!(
             epoch, before.epoch,
             "the adopted assignment was the one killed"
@@ -296,12 +303,14 @@ async fn a_paused_leader_is_replaced_and_wakes_up_fenced() {
         let (successor, _) = system.leader_after(Some(token)).await;
         println!("SIGSTOPped leader {paused} (token {token}); {successor} leads");
 
-        // The workers find the new leader by themselves: a recognizer failover needs
-        // it to know the idle one.
+        // The workers find the new leader by themselves: the killed one is not started
+        // again, so the idle one, registered with the old leader when it was paused,
+        // can only take over if it registered with the new one.
         acked_past(&mut watch, within(reference, 1, 0.5)).await;
-        let epoch = kill_the_worker(&mut system, session, 0).await;
-        let next = holder(&system, session, epoch).await;
-        assert_eq!(next.epoch, epoch + 1);
+        let killed = kill_the_worker(&mut system, session, 0, false).await;
+        let next = holder(&system, session, killed.epoch).await;
+        assert_eq!(next.epoch, killed.epoch + 1);
+        assert_ne!(next.worker, killed.worker);
 
         // The old leader wakes up: it finds its lock gone and stops leading, having
         // changed nothing.
