@@ -380,7 +380,10 @@ async fn a_paused_worker_woken_after_its_session_moved_adds_nothing() {
         assert!(!zombie.done, "the session finished before the pause");
         // The worker's decoding trails the acknowledged audio: wait until it says it
         // got there too.
-        let decoded = progress.decoded_to(session, zombie.epoch, pause_ms).await;
+        let decoded = progress
+            .decoded_to(session, zombie.epoch, pause_ms, STEP_TIMEOUT)
+            .await
+            .expect("the worker decodes to the pause position");
         let pid = system.pid_of(&zombie.worker).expect("the holder runs");
         let pid = Pid::from_raw(pid as i32);
         kill(pid, Signal::SIGSTOP).expect("SIGSTOP");

@@ -6,8 +6,10 @@
 //! positions inside its speech, several times per session, the positions reached by
 //! the audio the client has had acknowledged ([`testkit::failover::Killer`], as in
 //! `tests/failover.rs`: capacity comes back in the background, a restarted process
-//! under the killed id or a new worker, alternately). For each kill, from the moment
-//! just before the SIGKILL:
+//! under the killed id or a new worker, alternately, right after the kill or, with
+//! `--respawn after-catch-up`, once the replacement has caught up). One failover at a
+//! time: a kill waits until the previous replacement has caught up. For each kill,
+//! from the moment just before the SIGKILL:
 //!
 //! - the steps, from the streams' own timestamps: the worker declared lost and the
 //!   session reassigned (control stream), the replacement's `EpochStarted` and its
@@ -33,15 +35,43 @@ use eventlog::{Envelope, Event, now_ms};
 use testkit::failover::{self, Heard, Kill, KillPositions, Killer, Reference, Step};
 use testkit::system::{System, SystemConfig};
 
-use crate::{HeartbeatSettings, SENTENCES, percentile};
+use crate::{HeartbeatSettings, SENTENCES, copy_logs, percentile};
 
+/// When a killed recognizer's capacity comes back (a fresh process loading its model).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Respawn {
+    /// Right after the kill, as a supervisor restarts a dead child: its model load
+    /// competes with the replacement's catching up for the two cores.
+    AtKill,
+    /// Once the replacement has caught up: the failover alone.
+    AfterCatchUp,
+}
+
+#[derive(clap::Args)]
 pub struct Args {
+    /// SIGKILLs in all.
+    #[arg(long, default_value_t = 50)]
     pub kills: usize,
+    /// SIGKILLs per session, at most.
+    #[arg(long, default_value_t = 4)]
     pub per_session: usize,
+    /// Audio between two kills of a session, at least (ms).
+    #[arg(long, default_value_t = 3000)]
     pub spacing_ms: u64,
+    /// Seed of the kill positions (random when absent; printed).
+    #[arg(long)]
     pub seed: Option<u64>,
+    /// Streaming pace (1.0 = real time).
+    #[arg(long, default_value_t = 1.0)]
     pub speed: f64,
+    #[command(flatten)]
     pub settings: HeartbeatSettings,
+    /// When a killed recognizer's capacity comes back.
+    #[arg(long, value_enum, default_value_t = Respawn::AtKill)]
+    pub respawn: Respawn,
+    /// Copy every process's log here before the system stops.
+    #[arg(long)]
+    pub logs: Option<std::path::PathBuf>,
 }
 
 /// Which figure of a [`Gap`] a table row shows.
@@ -54,6 +84,7 @@ type Seen<'a> = (bool, u32, &'a str, u64, u64);
 /// happen, for instance the replacement was killed first).
 #[derive(Default)]
 struct Gap {
+    reaped: Option<f64>,
     lost: Option<f64>,
     reassigned: Option<f64>,
     started: Option<f64>,
@@ -84,14 +115,21 @@ pub async fn run(bin: &Path, args: Args) -> anyhow::Result<()> {
 
     eprintln!("the conversation with no failure…");
     let (client, _watch) = failover::stream(&system, recording.clone(), args.speed);
-    let reference = Reference::of(&client.await?);
+    let baseline = client.await?;
+    let reference = Reference::of(&baseline);
+    // What the client gets with no failure: a result of the open segment every so often.
+    let mut cadence = result_cadence(&baseline);
     anyhow::ensure!(
         !reference.finals.is_empty(),
         "the no-failure run has no finals"
     );
     eprintln!("reference: {:?}", reference.transcript);
 
-    let mut killer = Killer::new(recognizers);
+    let cpu_before = crate::heartbeats::Cpu::sample(&system);
+    let mut killer = match args.respawn {
+        Respawn::AtKill => Killer::new(recognizers),
+        Respawn::AfterCatchUp => Killer::deferred(recognizers),
+    };
     let mut gaps: Vec<Gap> = Vec::new();
     let (mut sessions, mut changed) = (0, 0);
     while gaps.len() < args.kills {
@@ -100,6 +138,7 @@ pub async fn run(bin: &Path, args: Args) -> anyhow::Result<()> {
         let session_start_ms = now_ms();
         let (client, mut watch) = failover::stream(&system, recording.clone(), args.speed);
         let control = async {
+            let mut progress = failover::Progress::follow(&system).await;
             let session = watch.session().await;
             let mut kills: Vec<(Kill, Option<u64>)> = Vec::new();
             let mut epoch = 0;
@@ -116,20 +155,35 @@ pub async fn run(bin: &Path, args: Args) -> anyhow::Result<()> {
                             .await
                             .map(|c| c.point.session_sample * 1000 / 16_000);
                         eprintln!(
-                            "kill {}/{}: {} (epoch {}) at {:.1} s of audio, checkpoint at {:.1} s",
+                            "kill {}/{}: {} (epoch {}) at {:.1} s of audio (unix ms {}, reaped after {} ms), checkpoint at {:.1} s",
                             gaps.len() + kills.len() + 1,
                             args.kills,
                             kill.worker,
                             kill.epoch,
                             kill.acked_ms as f64 / 1000.0,
+                            kill.at_ms,
+                            kill.reaped_after.as_millis(),
                             checkpoint.unwrap_or(0) as f64 / 1000.0
                         );
                         epoch = kill.epoch;
+                        // One failover at a time: the next kill waits until this
+                        // replacement has caught up (or the session ended).
+                        let next = failover::holder(&system, session, kill.epoch).await;
+                        if !next.done {
+                            let within = Duration::from_secs(30);
+                            progress
+                                .decoded_to(session, next.epoch, kill.acked_ms, within)
+                                .await;
+                        }
+                        if args.respawn == Respawn::AfterCatchUp {
+                            killer.bring_back(&mut system).await;
+                        }
                         kills.push((kill, checkpoint));
                     }
                     Step::Finished(_) => break,
                 }
             }
+            progress.close().await;
             (session, kills, watch)
         };
         let (outcome, (session, kills, mut watch)) = tokio::join!(client, control);
@@ -196,19 +250,25 @@ pub async fn run(bin: &Path, args: Args) -> anyhow::Result<()> {
             gaps.push(gap);
         }
     }
+    let busy = crate::heartbeats::Cpu::sample(&system).machine_busy_percent(&cpu_before);
+    if let Some(dir) = &args.logs {
+        copy_logs(&system, dir)?;
+    }
     system.stop().await;
 
     println!(
-        "{} SIGKILLs of the serving recognizer inside speech over {sessions} sessions at speed {} (seed {seed}), {}; transcript unchanged in {}/{sessions} sessions",
+        "{} SIGKILLs of the serving recognizer inside speech over {sessions} sessions at speed {} (seed {seed}), {}, capacity back {:?}; transcript unchanged in {}/{sessions} sessions; the machine was {busy:.0} % busy",
         gaps.len(),
         args.speed,
         args.settings,
+        args.respawn,
         sessions - changed
     );
     println!();
     println!("| from SIGKILL to | n | p50 (ms) | p99 (ms) | max (ms) |");
     println!("|---|---|---|---|---|");
-    let rows: [(&str, Figure); 6] = [
+    let rows: [(&str, Figure); 7] = [
+        ("process reaped (its sockets closed)", |g| g.reaped),
         ("worker declared lost (control stream)", |g| g.lost),
         ("session reassigned, new epoch (control stream)", |g| {
             g.reassigned
@@ -241,6 +301,13 @@ pub async fn run(bin: &Path, args: Args) -> anyhow::Result<()> {
         percentile(&mut replay, 99.0),
         replay.iter().copied().fold(f64::NAN, f64::max),
     );
+    println!(
+        "| (no failure: between two results of one segment at the client) | {} | {:.0} | {:.0} | {:.0} |",
+        cadence.len(),
+        percentile(&mut cadence, 50.0),
+        percentile(&mut cadence, 99.0),
+        cadence.iter().copied().fold(f64::NAN, f64::max),
+    );
     let finals = gaps
         .iter()
         .filter(|g| g.at_client.is_some() && g.first_is_final)
@@ -251,6 +318,19 @@ pub async fn run(bin: &Path, args: Args) -> anyhow::Result<()> {
         gaps.iter().filter(|g| g.at_client.is_some()).count() - finals
     );
     Ok(())
+}
+
+/// Milliseconds between consecutive results (partials, then the final) of the same
+/// segment, as the client received them.
+fn result_cadence(outcome: &client::Outcome) -> Vec<f64> {
+    let mut results: Vec<&client::Observed> =
+        outcome.partials.iter().chain(&outcome.finals).collect();
+    results.sort_by_key(|r| r.at);
+    results
+        .windows(2)
+        .filter(|w| w[0].segment.segment == w[1].segment.segment)
+        .map(|w| (w[1].at - w[0].at).as_secs_f64() * 1000.0)
+        .collect()
 }
 
 fn ms(value: Option<f64>) -> String {
@@ -275,7 +355,9 @@ fn measure(
         })
         .min();
     let mut gap = Gap {
-        replay_ms: checkpoint.map(|c| kill.acked_ms.saturating_sub(c) as f64),
+        reaped: Some(kill.reaped_after.as_secs_f64() * 1000.0),
+        // No checkpoint yet: the replacement replays from the session's start.
+        replay_ms: Some(kill.acked_ms.saturating_sub(checkpoint.unwrap_or(0)) as f64),
         ..Gap::default()
     };
     gap.lost = control

@@ -72,28 +72,12 @@ enum Command {
         recognizers: usize,
         #[command(flatten)]
         settings: HeartbeatSettings,
+        /// Copy every process's log here before the system stops.
+        #[arg(long)]
+        logs: Option<PathBuf>,
     },
     /// The failover gap: SIGKILLs of the serving recognizer inside speech.
-    Failover {
-        /// SIGKILLs in all.
-        #[arg(long, default_value_t = 50)]
-        kills: usize,
-        /// SIGKILLs per session, at most.
-        #[arg(long, default_value_t = 4)]
-        per_session: usize,
-        /// Audio between two kills of a session, at least (ms): the replacement
-        /// catches up in between.
-        #[arg(long, default_value_t = 3000)]
-        spacing_ms: u64,
-        /// Seed of the kill positions (random when absent; printed).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Streaming pace (1.0 = real time).
-        #[arg(long, default_value_t = 1.0)]
-        speed: f64,
-        #[command(flatten)]
-        settings: HeartbeatSettings,
-    },
+    Failover(failover::Args),
     /// Time without an orchestrator leader when the leader is SIGKILLed.
     Leader {
         #[arg(long, default_value_t = 20)]
@@ -200,25 +184,20 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             recognizers,
             settings,
-        } => heartbeats::run(&asr_binary()?, sessions, seconds, recognizers, settings).await,
-        Command::Failover {
-            kills,
-            per_session,
-            spacing_ms,
-            seed,
-            speed,
-            settings,
+            logs,
         } => {
-            let args = failover::Args {
-                kills,
-                per_session,
-                spacing_ms,
-                seed,
-                speed,
+            let bin = asr_binary()?;
+            heartbeats::run(
+                &bin,
+                sessions,
+                seconds,
+                recognizers,
                 settings,
-            };
-            failover::run(&asr_binary()?, args).await
+                logs.as_deref(),
+            )
+            .await
         }
+        Command::Failover(args) => failover::run(&asr_binary()?, args).await,
         Command::Leader { kills, lease_ms } => leader::run(&asr_binary()?, kills, lease_ms).await,
         Command::Layout {
             sessions,
@@ -263,15 +242,10 @@ async fn pipeline(
         let mut outcomes: Vec<Outcome> = Vec::new();
         for _ in 0..rounds {
             let runs = (0..level).map(|i| {
-                let options = StreamOptions {
-                    url: system.ws_url(),
-                    speed: 1.0,
-                    ..StreamOptions::default()
-                };
+                let options = real_time(&system);
                 let recording = &recording;
                 async move {
-                    // Stagger the starts so sessions do not decode in lockstep.
-                    tokio::time::sleep(Duration::from_millis(370 * i as u64)).await;
+                    stagger(i).await;
                     client::stream(&options, recording, |_| {}).await
                 }
             });
@@ -324,6 +298,33 @@ async fn pipeline(
             percentile(&mut acks, 99.0),
         );
     }
+    Ok(())
+}
+
+/// Streaming at real-time pace to the system's ingest.
+fn real_time(system: &System) -> StreamOptions {
+    StreamOptions {
+        url: system.ws_url(),
+        speed: 1.0,
+        ..StreamOptions::default()
+    }
+}
+
+/// Staggers the start of concurrent session `i`, so sessions do not decode in
+/// lockstep.
+async fn stagger(i: usize) {
+    tokio::time::sleep(Duration::from_millis(370 * i as u64)).await;
+}
+
+/// Copies every process's log (the system removes them when it stops).
+fn copy_logs(system: &System, dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for p in &system.processes {
+        if let Some(name) = p.log.file_name() {
+            std::fs::copy(&p.log, dir.join(name))?;
+        }
+    }
+    eprintln!("logs copied to {}", dir.display());
     Ok(())
 }
 

@@ -349,16 +349,20 @@ impl Progress {
     }
 
     /// Waits for a heartbeat saying the session is decoded to at least `ms` of its
-    /// audio under `epoch`; returns the reported position. Panics after
-    /// [`STEP_TIMEOUT`] without one.
-    pub async fn decoded_to(&mut self, session: Uuid, epoch: u64, ms: u64) -> u64 {
-        let deadline = Instant::now() + STEP_TIMEOUT;
+    /// audio under `epoch`; returns the reported position, or `None` when there was
+    /// none `within` (for instance because the session ended first).
+    pub async fn decoded_to(
+        &mut self,
+        session: Uuid,
+        epoch: u64,
+        ms: u64,
+        within: Duration,
+    ) -> Option<u64> {
+        let deadline = Instant::now() + within;
         loop {
             let record = tokio::time::timeout_at(deadline, self.reader.next())
                 .await
-                .unwrap_or_else(|_| {
-                    panic!("session {session} not decoded to {ms} ms under epoch {epoch}")
-                });
+                .ok()?;
             let envelope = match record {
                 Some(Ok(record)) => record.envelope,
                 Some(Err(e)) => panic!("reading the heartbeats: {e}"),
@@ -369,7 +373,7 @@ impl Progress {
                     .iter()
                     .find(|s| s.session == session && s.epoch == epoch && s.decoded_ms >= ms)
             {
-                return load.decoded_ms;
+                return Some(load.decoded_ms);
             }
         }
     }
@@ -404,6 +408,8 @@ pub struct Kill {
     /// Just before the SIGKILL, on this process's monotonic and wall clocks.
     pub at: Instant,
     pub at_ms: u64,
+    /// From the SIGKILL until the process was reaped (its sockets close on the way).
+    pub reaped_after: Duration,
     /// Audio acknowledged to the client (so appended to the log) at the kill, ms.
     pub acked_ms: u64,
     /// Finals the client had received at the kill.
@@ -421,21 +427,37 @@ pub enum Step {
 
 /// SIGKILLs a session's current worker at chosen audio positions, and brings the
 /// capacity back without pausing the session (a model loads in seconds): every other
-/// kill the killed worker id comes back as a fresh process, otherwise a new worker
-/// joins.
+/// killed worker id comes back as a fresh process, otherwise a new worker joins. At
+/// once ([`Killer::new`]: the model load then competes with the replacement's
+/// catching up for the cores, as under a supervisor that restarts a dead child), or
+/// when the controller says ([`Killer::deferred`], [`Killer::bring_back`]).
 #[derive(Debug)]
 pub struct Killer {
     /// Recognizers started so far, for the next new worker id.
     started: usize,
     kills: usize,
+    deferred: bool,
+    /// Killed workers whose capacity is not back yet.
+    pending: Vec<String>,
 }
 
 impl Killer {
-    /// For a system started with `recognizers` recognizers (`recognizer-1`…).
+    /// For a system started with `recognizers` recognizers (`recognizer-1`…); brings
+    /// capacity back right after each kill.
     pub fn new(recognizers: usize) -> Self {
         Self {
             started: recognizers,
             kills: 0,
+            deferred: false,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Like [`new`](Self::new), but capacity comes back only on [`bring_back`](Self::bring_back).
+    pub fn deferred(recognizers: usize) -> Self {
+        Self {
+            deferred: true,
+            ..Self::new(recognizers)
         }
     }
 
@@ -464,17 +486,29 @@ impl Killer {
             epoch: holder.epoch,
             at,
             at_ms,
+            reaped_after: at.elapsed(),
             acked_ms: watch.acked * 100,
             finals_heard: watch.finals(),
         };
-        if self.kills.is_multiple_of(2) {
-            system.restart(&kill.worker).await;
-        } else {
-            self.started += 1;
-            system.spawn_recognizer(&format!("recognizer-{}", self.started), &[]);
+        self.pending.push(kill.worker.clone());
+        if !self.deferred {
+            self.bring_back(system).await;
         }
-        self.kills += 1;
         Step::Killed(kill)
+    }
+
+    /// Brings back the capacity of every kill so far (returns at once: the processes
+    /// load their model in the background).
+    pub async fn bring_back(&mut self, system: &mut System) {
+        for worker in std::mem::take(&mut self.pending) {
+            if self.kills.is_multiple_of(2) {
+                system.restart(&worker).await;
+            } else {
+                self.started += 1;
+                system.spawn_recognizer(&format!("recognizer-{}", self.started), &[]);
+            }
+            self.kills += 1;
+        }
     }
 }
 
