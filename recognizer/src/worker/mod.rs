@@ -8,6 +8,7 @@
 //! the leader keeps it or revokes it. If the session was given to someone else
 //! meanwhile, the newer epoch fences this worker's results and checkpoints.
 
+mod partials;
 mod session;
 pub mod tracking;
 

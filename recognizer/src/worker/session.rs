@@ -15,12 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use eventlog::checkpoint::{Checkpoint, CheckpointError, ReplayPoint};
-use eventlog::log::{Appender, LogError, ReadFrom, Record};
+use eventlog::log::{Appender, LogError, ReadFrom, Reader, Record};
 use eventlog::{AudioFormat, Event, SessionId, now_ms};
 use thiserror::Error;
 use tracing::{debug, error, info, warn};
 
 use super::Ctx;
+use super::partials::{PartialDecision, PartialSchedule};
 use super::tracking::{ChunkMap, SeqCheck, SeqTracker};
 use crate::audio::{AudioError, InputFormat, samples_to_ms};
 use crate::engine::{DecoderEvent, EngineError, ResumePoint, SessionDecoder, Transcript};
@@ -126,7 +127,7 @@ pub(crate) struct SessionRun {
     decoder: Option<Decoder>,
     chunks: ChunkMap,
     seq: SeqTracker,
-    last_partial: Instant,
+    partials: Option<PartialSchedule>,
 }
 
 /// Decodes the session until its end; returns the number of final segments.
@@ -137,57 +138,35 @@ pub(crate) async fn run(
 ) -> Result<u32, SessionError> {
     let session = a.session;
     let input = InputFormat::new(a.format)?;
-    let checkpoint = ctx.checkpoints.load(session).await?;
-    let results = ctx.results_appender(session).await?;
-
-    results
-        .append_confirmed(&ctx.envelope(
-            session,
-            Event::EpochStarted {
-                epoch: a.epoch,
-                worker: ctx.worker_id.clone(),
-            },
-        ))
-        .await?;
-
-    let audio_stream = ctx.layout.audio_stream(session);
-    let (from, resume, mut skip, first_seq, first_sample, mut opened) = match checkpoint {
-        Some(Checkpoint { epoch, point }) => {
-            info!(%session, epoch = a.epoch, checkpoint_epoch = epoch, ?point, "resuming from checkpoint");
-            (
-                ReadFrom::Offset(point.chunk_offset),
-                ResumePoint {
-                    session_sample: input.client_to_model(point.session_sample),
-                    next_segment: point.next_segment,
+    // Announcing the epoch (a producer to open, a confirmed append) and preparing the
+    // replay (checkpoint, audio reader, decoder) are independent: overlap them. No
+    // result is appended before both are done, so `EpochStarted` still comes first.
+    let announce = async {
+        let results = ctx.results_appender(session).await?;
+        results
+            .append_confirmed(&ctx.envelope(
+                session,
+                Event::EpochStarted {
+                    epoch: a.epoch,
+                    worker: ctx.worker_id.clone(),
                 },
-                u64::from(point.sample_in_chunk),
-                point.chunk_seq,
-                point.session_sample - u64::from(point.sample_in_chunk),
-                true,
-            )
-        }
-        None => {
-            info!(%session, epoch = a.epoch, "no checkpoint: decoding from the session's start");
-            (
-                ReadFrom::Timestamp(a.opened_at_ms.saturating_sub(OPENED_AT_SLACK_MS)),
-                ResumePoint::default(),
-                0,
-                0,
-                0,
-                false,
-            )
-        }
+            ))
+            .await?;
+        Ok::<_, SessionError>(results)
     };
-    let mut reader = ctx.log.reader(&audio_stream, from, Some(session)).await?;
-
-    let (model, vads) = (ctx.model.clone(), ctx.vads.clone());
-    let decoder = tokio::task::spawn_blocking(move || {
-        Segmenter::new(model, vads, SegmenterConfig::default(), resume)
-    })
-    .await
-    .map_err(|e| SessionError::Decoder(e.to_string()))??;
+    let (results, prepared) = tokio::try_join!(announce, prepare(&ctx, &a, &input))?;
+    let Prepared {
+        mut reader,
+        decoder,
+        resume,
+        mut skip,
+        first_seq,
+        first_sample,
+        mut opened,
+    } = prepared;
     progress.store(samples_to_ms(resume.session_sample), Ordering::Relaxed);
 
+    let partials = ctx.partial_interval.map(PartialSchedule::new);
     let mut run = SessionRun {
         ctx,
         a,
@@ -197,7 +176,7 @@ pub(crate) async fn run(
         decoder: Some(decoder),
         chunks: ChunkMap::starting_at(first_sample),
         seq: SeqTracker::starting_at(first_seq),
-        last_partial: Instant::now(),
+        partials,
     };
 
     while let Some(record) = reader.next().await {
@@ -257,6 +236,71 @@ pub(crate) async fn run(
     Err(SessionError::StreamClosed)
 }
 
+/// Where a run starts reading and decoding.
+struct Prepared {
+    reader: Reader,
+    decoder: Decoder,
+    resume: ResumePoint,
+    /// Client samples at the head of the first chunk that were decoded before.
+    skip: u64,
+    first_seq: u64,
+    /// The session sample where the first chunk read begins (client rate).
+    first_sample: u64,
+    /// Whether `SessionOpened` lies before the first record read.
+    opened: bool,
+}
+
+/// Loads the checkpoint, opens the session's audio there (or at its start) and
+/// builds the decoder at the same replay point.
+async fn prepare(ctx: &Ctx, a: &Assignment, input: &InputFormat) -> Result<Prepared, SessionError> {
+    let session = a.session;
+    let checkpoint = ctx.checkpoints.load(session).await?;
+    let (from, resume, skip, first_seq, first_sample, opened) = match checkpoint {
+        Some(Checkpoint { epoch, point }) => {
+            info!(%session, epoch = a.epoch, checkpoint_epoch = epoch, ?point, "resuming from checkpoint");
+            (
+                ReadFrom::Offset(point.chunk_offset),
+                ResumePoint {
+                    session_sample: input.client_to_model(point.session_sample),
+                    next_segment: point.next_segment,
+                },
+                u64::from(point.sample_in_chunk),
+                point.chunk_seq,
+                point.session_sample - u64::from(point.sample_in_chunk),
+                true,
+            )
+        }
+        None => {
+            info!(%session, epoch = a.epoch, "no checkpoint: decoding from the session's start");
+            (
+                ReadFrom::Timestamp(a.opened_at_ms.saturating_sub(OPENED_AT_SLACK_MS)),
+                ResumePoint::default(),
+                0,
+                0,
+                0,
+                false,
+            )
+        }
+    };
+    let audio_stream = ctx.layout.audio_stream(session);
+    let reader = ctx.log.reader(&audio_stream, from, Some(session)).await?;
+    let (model, vads) = (ctx.model.clone(), ctx.vads.clone());
+    let decoder = tokio::task::spawn_blocking(move || {
+        Segmenter::new(model, vads, SegmenterConfig::default(), resume)
+    })
+    .await
+    .map_err(|e| SessionError::Decoder(e.to_string()))??;
+    Ok(Prepared {
+        reader,
+        decoder,
+        resume,
+        skip,
+        first_seq,
+        first_sample,
+        opened,
+    })
+}
+
 impl SessionRun {
     fn session(&self) -> SessionId {
         self.a.session
@@ -275,22 +319,20 @@ impl SessionRun {
         Ok(())
     }
 
-    /// Re-decodes the open segment when the interval has passed, unless the worker is
-    /// behind (the chunk in hand was appended more than an interval ago): then the
-    /// decode time goes to catching up, and the final comes sooner.
+    /// Re-decodes the open segment when [`PartialSchedule`] says so.
     async fn maybe_partial(&mut self, appended_at_ms: u64) -> Result<(), SessionError> {
-        let Some(interval) = self.ctx.partial_interval else {
+        let Some(schedule) = self.partials.as_mut() else {
             return Ok(());
         };
-        if self.last_partial.elapsed() < interval {
-            return Ok(());
-        }
-        self.last_partial = Instant::now();
         let lag = Duration::from_millis(now_ms().saturating_sub(appended_at_ms));
-        if lag > interval {
-            metrics::counter!("recognizer_partials_skipped_total").increment(1);
-            debug!(session = %self.session(), lag_ms = lag.as_millis() as u64, "behind: partial skipped");
-            return Ok(());
+        match schedule.decide(Instant::now(), lag) {
+            PartialDecision::Wait => return Ok(()),
+            PartialDecision::Skip => {
+                metrics::counter!("recognizer_partials_skipped_total").increment(1);
+                debug!(session = %self.session(), lag_ms = lag.as_millis() as u64, "behind: partial skipped");
+                return Ok(());
+            }
+            PartialDecision::Decode => {}
         }
         if let Some(partial) = on_decoder(&mut self.decoder, |d| d.partial()).await?? {
             let event = self.result_event(false, &partial);
