@@ -19,9 +19,13 @@
 //! `asr-bench failover --kills 50`: the failover gap when the serving recognizer is
 //! SIGKILLed inside speech (see `failover`).
 //!
+//! `asr-bench decode --tail-paddings 50,100,300,1000`: Whisper's decode time and
+//! accuracy per tail padding, in-process (see `decode`).
+//!
 //! `asr-bench leader --kills 20`: how long the system is without an orchestrator
 //! leader when the leader is SIGKILLed (see `leader`).
 
+mod decode;
 mod failover;
 mod heartbeats;
 mod layout;
@@ -34,7 +38,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use client::{Outcome, StreamOptions};
 use recognizer::engine::Recognizer;
-use recognizer::engine::sherpa::WhisperModel;
+use recognizer::engine::sherpa::{WhisperModel, WhisperSettings};
 use testkit::system::{System, SystemConfig};
 
 #[derive(Parser)]
@@ -85,6 +89,14 @@ enum Command {
         /// The leader lock's lease (ASR_ORCHESTRATOR_LEASE_MS).
         #[arg(long, default_value_t = 500)]
         lease_ms: u64,
+    },
+    /// Whisper's decode time and word error rate per tail padding, in-process.
+    Decode {
+        /// Tail paddings to compare, in feature frames (10 ms).
+        #[arg(long, value_delimiter = ',', default_value = "50,100,200,300,500,1000")]
+        tail_paddings: Vec<u16>,
+        #[arg(long, default_value_t = 2)]
+        threads: u16,
     },
     /// Stream per session vs partitioned streams, through the project's log code.
     Layout {
@@ -199,6 +211,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Failover(args) => failover::run(&asr_binary()?, args).await,
         Command::Leader { kills, lease_ms } => leader::run(&asr_binary()?, kills, lease_ms).await,
+        Command::Decode {
+            tail_paddings,
+            threads,
+        } => decode::run(&tail_paddings, threads),
         Command::Layout {
             sessions,
             seconds,
@@ -271,7 +287,11 @@ async fn pipeline(
             }
         }
         // The same segments, decoded in this process by the same model.
-        let mut model = WhisperModel::load(&model_dir(), threads)?;
+        let settings = WhisperSettings {
+            threads,
+            ..WhisperSettings::DEFAULT
+        };
+        let mut model = WhisperModel::load(&model_dir(), settings)?;
         let samples = testkit::speech::to_f32(&i16_samples(&recording.pcm));
         let mut decode = Vec::new();
         let mut rtf = Vec::new();

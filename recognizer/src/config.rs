@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::Args;
 use eventlog::config::SharedArgs;
 
+use crate::engine::sherpa::{DEFAULT_TAIL_PADDING_FRAMES, WhisperSettings};
+
 fn default_worker_id() -> String {
     format!("recognizer-{:08x}", rand::random::<u32>())
 }
@@ -40,6 +42,14 @@ pub struct RecognizerArgs {
     /// Decoder threads. Fixed, which also keeps decoding deterministic.
     #[arg(long, env = "ASR_RECOGNIZER_THREADS", default_value_t = 2)]
     pub threads: u16,
+    /// Silent frames (10 ms) Whisper decodes after each segment to find its end; the
+    /// decode time grows with it (docs/BENCHMARKS.md, `asr-bench decode`).
+    #[arg(
+        long,
+        env = "ASR_RECOGNIZER_TAIL_PADDING_FRAMES",
+        default_value_t = DEFAULT_TAIL_PADDING_FRAMES
+    )]
+    pub tail_padding_frames: u16,
     /// How often the open segment is re-decoded for a partial (0 disables partials).
     #[arg(
         long,
@@ -60,6 +70,13 @@ pub struct RecognizerArgs {
 impl RecognizerArgs {
     pub fn partial_interval(&self) -> Option<Duration> {
         (self.partial_interval_ms > 0).then(|| Duration::from_millis(self.partial_interval_ms))
+    }
+
+    pub fn whisper(&self) -> WhisperSettings {
+        WhisperSettings {
+            threads: self.threads,
+            tail_padding_frames: self.tail_padding_frames,
+        }
     }
 
     pub fn heartbeat_interval(&self) -> Duration {

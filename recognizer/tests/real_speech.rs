@@ -6,7 +6,7 @@ mod common;
 use std::time::Instant;
 
 use common::*;
-use recognizer::engine::sherpa::{SileroVadFactory, VadSettings, WhisperModel};
+use recognizer::engine::sherpa::{SileroVadFactory, VadSettings, WhisperModel, WhisperSettings};
 use recognizer::engine::{DecoderEvent, ResumePoint, SessionDecoder, Transcript};
 use recognizer::segmenter::{Segmenter, SegmenterConfig};
 
@@ -45,7 +45,11 @@ fn finals(events: &[DecoderEvent]) -> Vec<Transcript> {
 
 fn load(threads: u16) -> WhisperModel {
     let started = Instant::now();
-    let model = WhisperModel::load(&whisper_dir(), threads).unwrap();
+    let settings = WhisperSettings {
+        threads,
+        ..WhisperSettings::DEFAULT
+    };
+    let model = WhisperModel::load(&whisper_dir(), settings).unwrap();
     println!(
         "model load ({threads} threads): {:.3} s",
         started.elapsed().as_secs_f64()

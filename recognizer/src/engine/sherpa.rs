@@ -36,6 +36,30 @@ fn existing(path: PathBuf) -> Result<String, EngineError> {
     }
 }
 
+/// How the Whisper recognizer is set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WhisperSettings {
+    /// Decoder threads. Fixed, which also keeps decoding deterministic.
+    pub threads: u16,
+    /// Silent feature frames (10 ms each) appended after the audio so that Whisper
+    /// finds the end of text. sherpa-onnx pads with 1000 (10 s) when not told; the
+    /// encoder's cost grows with audio + padding, so fewer frames decode faster
+    /// (`asr-bench decode` measures speed and accuracy per value; see
+    /// docs/BENCHMARKS.md).
+    pub tail_padding_frames: u16,
+}
+
+impl WhisperSettings {
+    /// The recognizer's defaults (`asr recognizer --help`).
+    pub const DEFAULT: Self = Self {
+        threads: 2,
+        tail_padding_frames: DEFAULT_TAIL_PADDING_FRAMES,
+    };
+}
+
+/// See [`WhisperSettings::tail_padding_frames`].
+pub const DEFAULT_TAIL_PADDING_FRAMES: u16 = 1000;
+
 /// The process's one Whisper recognizer. Cheap to clone; clones share the model.
 #[derive(Clone)]
 pub struct WhisperModel {
@@ -43,15 +67,15 @@ pub struct WhisperModel {
 }
 
 impl WhisperModel {
-    /// Loads the model from `dir` with a fixed thread count (which also keeps decoding
-    /// deterministic). Blocking, ~0.5 s.
-    pub fn load(dir: &Path, threads: u16) -> Result<Self, EngineError> {
+    /// Loads the model from `dir`. Blocking, ~0.5 s.
+    pub fn load(dir: &Path, settings: WhisperSettings) -> Result<Self, EngineError> {
         let config = WhisperConfig {
             encoder: existing(dir.join(WHISPER_ENCODER))?,
             decoder: existing(dir.join(WHISPER_DECODER))?,
             tokens: existing(dir.join(WHISPER_TOKENS))?,
             language: "en".into(),
-            num_threads: Some(i32::from(threads.max(1))),
+            num_threads: Some(i32::from(settings.threads.max(1))),
+            tail_paddings: Some(i32::from(settings.tail_padding_frames.max(1))),
             ..Default::default()
         };
         let recognizer = WhisperRecognizer::new(config).map_err(|e| EngineError::Load {

@@ -215,8 +215,8 @@ pub async fn run(
     let layout = args.shared.layout();
 
     let started = Instant::now();
-    let (dir, threads) = (args.model_dir.clone(), args.threads);
-    let model = tokio::task::spawn_blocking(move || WhisperModel::load(&dir, threads))
+    let (dir, whisper) = (args.model_dir.clone(), args.whisper());
+    let model = tokio::task::spawn_blocking(move || WhisperModel::load(&dir, whisper))
         .await?
         .context("loading the Whisper model")?;
     let vads = SileroVadFactory::new(VadSettings::new(args.vad_model.clone()))?;
@@ -225,6 +225,7 @@ pub async fn run(
         model = %args.model_name,
         dir = %args.model_dir.display(),
         threads = args.threads,
+        tail_padding_frames = args.tail_padding_frames,
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
