@@ -24,8 +24,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
+/// tiny.en's int8 output on espeak-ng speech depends a little on the CPU's kernels,
+/// and short sentences suffer most: on an AVX-512 VNNI machine "there is a fire in the
+/// kitchen" alone comes back as "and every life I will be in the kitchen". The longer
+/// sentence gives the model the context it needs there.
 const SENTENCES: &[&str] = &[
-    "there is a fire in the kitchen",
+    "there is a fire in the kitchen and the smoke is getting thicker",
     "please send an ambulance to the main street",
     "the children are safe at home now",
 ];
