@@ -334,18 +334,22 @@ async fn killed_at_random_moments_inside_speech() {
 ///   nothing is accepted after the segment's final, and one final per index is
 ///   accepted, equal to the no-failure reference.
 ///
-/// How it goes red (tried once each, never committed): the woken zombie normally
-/// appends nothing, because the orchestrator's `Revoke` is waiting in its socket and
-/// stops the session task before its decode finishes (the count of stale events is
-/// printed); with the recognizer ignoring `Revoke` it appended 2 to 5 stale events
-/// (among them the final of the interrupted sentence), every one refused, and the test
-/// stays green, as it should; with that and a `ResultFilter` accepting any epoch, the
-/// zombie's final after the new `EpochStarted` is accepted and the test fails. A
-/// filter accepting any epoch alone is caught only when the zombie gets an event out
-/// before the revoke lands (rare; `ResultFilter`'s unit tests catch it always). An
-/// orchestrator that did not expire a silent worker, or did not bump the epoch, fails
-/// the wait for the new holder; a replacement that did not resume from the checkpoint,
-/// or a lost or doubled final, fails the transcript comparison.
+/// The zombie hears of its revoke late (the failpoint `recognizer::revoke`, as a
+/// worker cut off from the orchestrator but not from the broker would): otherwise the
+/// orchestrator's `Revoke`, waiting in its socket, stops the session task before its
+/// decode finishes and the woken zombie appends nothing, which would leave the fence
+/// untested. So it must append at least one stale event, and the test says so.
+///
+/// How it goes red (tried, never committed): with `ResultFilter` accepting any epoch up
+/// to the latest, the zombie's results after the new `EpochStarted` are accepted and
+/// the test fails. An orchestrator that did not expire a silent worker, or did not
+/// bump the epoch, fails the wait for the new holder; a replacement that did not
+/// resume from the checkpoint, or a lost or doubled final, fails the transcript
+/// comparison.
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs --features asr/failpoints"
+)]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_worker_woken_after_its_session_moved_adds_nothing() {
     use eventlog::Event;
@@ -355,16 +359,26 @@ async fn a_paused_worker_woken_after_its_session_moved_adds_nothing() {
     use nix::unistd::Pid;
 
     let _serial = testkit::serial::heavy();
-    // Both idle at first: the allocator takes the smallest worker id, recognizer-1.
-    let system = System::start(
+    let mut system = System::start(
         asr(),
         SystemConfig {
-            recognizers: 2,
+            recognizers: 0,
             ..SystemConfig::default()
         },
     )
     .await;
+    system.start_recognizer("recognizer-2").await;
     let reference = reference(&system).await;
+    // The zombie-to-be hears of its revoke only 10 s late: woken, it decodes and
+    // appends under its old epoch until its checkpoint is refused, so the fence in the
+    // log is what keeps it out of the transcript. Both idle at first: the allocator
+    // takes the smallest worker id, recognizer-1.
+    system
+        .start_recognizer_with(
+            "recognizer-1",
+            &[("FAILPOINTS", "recognizer::revoke=return(10000)")],
+        )
+        .await;
     // Halfway through the second sentence, at real-time pace: the worker keeps up, so
     // the audio acknowledged to the client is about where its decoding is.
     let sentence = &reference.finals[1];
@@ -543,6 +557,13 @@ async fn a_paused_worker_woken_after_its_session_moved_adds_nothing() {
         "the zombie appended {stale_after_wake} events of its stale epoch {} after waking, every one refused; its log {} the revoke",
         zombie.epoch,
         if revoked { "shows" } else { "does not show" }
+    );
+    assert!(
+        stale_after_wake > 0,
+        "{}",
+        report(
+            "the zombie appended nothing after waking: the fence was not put to the test".into()
+        )
     );
     system.stop().await;
 }

@@ -387,12 +387,20 @@ impl Worker {
                 Err(message) => error!(?assign, %message, "unusable assignment ignored"),
             },
             Some(Command::Revoke(Revoke { session_id, epoch })) => {
-                match session_id.parse::<SessionId>() {
-                    Ok(session) if self.sessions.revoke(session, epoch) => {
-                        info!(%session, epoch, "assignment revoked: session task stopped")
+                let Ok(session) = session_id.parse::<SessionId>() else {
+                    error!(%session_id, "revoke with a malformed session id");
+                    return;
+                };
+                let sessions = self.sessions.clone();
+                match revoke_delay() {
+                    None => revoke(&sessions, session, epoch),
+                    Some(delay) => {
+                        warn!(%session, epoch, delay_ms = delay.as_millis() as u64, "failpoint: revoke held back");
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            revoke(&sessions, session, epoch);
+                        });
                     }
-                    Ok(session) => debug!(%session, epoch, "revoke for a session not running here"),
-                    Err(_) => error!(%session_id, "revoke with a malformed session id"),
                 }
             }
             None => warn!("empty command from the orchestrator"),
@@ -499,6 +507,26 @@ impl Worker {
             }
         }
     }
+}
+
+fn revoke(sessions: &Sessions, session: SessionId, epoch: u64) {
+    if sessions.revoke(session, epoch) {
+        info!(%session, epoch, "assignment revoked: session task stopped");
+    } else {
+        debug!(%session, epoch, "revoke for a session not running here");
+    }
+}
+
+/// The failpoint `recognizer::revoke=return(MS)` holds every revoke back for MS
+/// milliseconds: the worker then goes on decoding and appending a session that has
+/// moved on, as one cut off from the orchestrator but not from the broker would. The
+/// zombie test uses it so that fencing, not the revoke, is what keeps it out of the
+/// transcript. Without the `failpoints` feature this is always `None`.
+fn revoke_delay() -> Option<Duration> {
+    fail::fail_point!("recognizer::revoke", |ms| ms
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis));
+    None
 }
 
 /// Serves one assignment to its end, retrying transient failures from the checkpoint,
