@@ -12,6 +12,12 @@ use testkit::wer::{word_error_rate, words};
 /// tiny.en on espeak-ng's voice is imperfect; the issue sets this bound.
 const MAX_WER: f64 = 0.35;
 
+/// The bound for 8 kHz (telephone) audio. The band up to 4 kHz is all such a call
+/// carries, and tiny.en hears espeak-ng's voice far worse in it: 0.43 on the
+/// recording below after sox's own high-quality resampling to 16 kHz, 0.48 through
+/// ours (`recognizer/tests/real_speech.rs` holds ours to sox's).
+const MAX_WER_8KHZ: f64 = 0.75;
+
 fn asr() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_asr"))
 }
@@ -185,5 +191,83 @@ async fn the_cli_prints_the_transcript_and_fails_clearly() {
     assert!(refused.stdout.is_empty());
 
     let _ = std::fs::remove_dir_all(&dir);
+    system.stop().await;
+}
+
+/// Telephone (8 kHz), sound-card (48 kHz) and float audio: the log keeps the client's
+/// bytes exactly as sent, and the recognizer's conversion to 16 kHz hears the same words.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_accepted_rate_and_encoding_is_stored_as_sent_and_transcribed() {
+    use eventlog::log::ReadFrom;
+    use eventlog::{AudioEncoding, AudioFormat, Event};
+
+    let _serial = testkit::serial::heavy();
+    let sentences = [
+        "there is a fire in the kitchen and the smoke is getting thicker",
+        "please send an ambulance to the main street",
+    ];
+    let system = System::start(asr(), SystemConfig::default()).await;
+    for (sample_rate, encoding) in [
+        (8_000, AudioEncoding::PcmS16le),
+        (48_000, AudioEncoding::PcmS16le),
+        (16_000, AudioEncoding::PcmF32le),
+        (8_000, AudioEncoding::PcmF32le),
+        (48_000, AudioEncoding::PcmF32le),
+    ] {
+        let format = AudioFormat {
+            sample_rate,
+            encoding,
+        };
+        let recording = testkit::speech::sentences_as(&sentences, 1000, format);
+        let outcome = transcribe(&system, &recording, 0.0).await;
+        let said = sentences.join(" ");
+        let wer = word_error_rate(&said, &outcome.transcript);
+        println!(
+            "{sample_rate} Hz {}: WER {wer:.2}, heard {:?}",
+            encoding.name(),
+            outcome.transcript
+        );
+        let bound = if sample_rate == 8_000 {
+            MAX_WER_8KHZ
+        } else {
+            MAX_WER
+        };
+        assert!(
+            wer <= bound,
+            "{sample_rate} Hz {}: WER {wer:.2}: {:?}",
+            encoding.name(),
+            outcome.transcript
+        );
+        assert!(outcome.missing_segments.is_empty());
+
+        // The audio in the log, chunk by chunk, is the client's bytes.
+        let events = testkit::failover::read_stream(
+            &system.layout.audio_stream(outcome.session_id),
+            Some(outcome.session_id),
+            ReadFrom::Start,
+            Duration::from_millis(200),
+            |events| {
+                events
+                    .iter()
+                    .any(|e| matches!(e.event, Event::EndOfStream { .. }))
+            },
+        )
+        .await;
+        let mut stored = Vec::new();
+        for e in &events {
+            match &e.event {
+                Event::SessionOpened { format: f, .. } => assert_eq!(*f, format),
+                Event::AudioChunk(chunk) => stored.extend_from_slice(&chunk.bytes),
+                _ => {}
+            }
+        }
+        assert!(
+            stored == recording.pcm,
+            "{sample_rate} Hz {}: the log holds {} bytes, the client sent {}",
+            encoding.name(),
+            stored.len(),
+            recording.pcm.len()
+        );
+    }
     system.stop().await;
 }

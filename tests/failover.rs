@@ -128,6 +128,16 @@ async fn baseline_transcript_without_failure() {
 /// SIGKILLs it once it stopped there, and checks the transcript; returns how many
 /// finals the killed worker had appended.
 async fn killed_at_failpoint(point: &str, actions: &str) -> usize {
+    killed_at_failpoint_in(point, actions, None).await
+}
+
+/// [`killed_at_failpoint`] with the conversation sent in `format` (16 kHz
+/// `pcm_s16le` when `None`), against the no-failure transcript of the same audio.
+async fn killed_at_failpoint_in(
+    point: &str,
+    actions: &str,
+    format: Option<eventlog::AudioFormat>,
+) -> usize {
     let mut system = System::start(
         asr(),
         SystemConfig {
@@ -137,14 +147,32 @@ async fn killed_at_failpoint(point: &str, actions: &str) -> usize {
     )
     .await;
     system.start_recognizer("recognizer-2").await;
-    let reference = reference(&system).await;
+    let (recording, in_format);
+    let reference = match format {
+        None => {
+            recording = self::recording();
+            reference(&system).await
+        }
+        Some(format) => {
+            recording = testkit::speech::sentences_as(&SENTENCES, GAP_MS, format);
+            let (client, _watch) = failover::stream(&system, recording.clone(), SPEED);
+            in_format = Reference::of(&expect_completed(&system, client.await));
+            println!(
+                "reference transcript at {} Hz {}: {:?}",
+                format.sample_rate,
+                format.encoding.name(),
+                in_format.transcript
+            );
+            &in_format
+        }
+    };
     // Both idle: the allocator takes the smallest worker id, the armed one.
     let failpoints = format!("{point}={actions}");
     system
         .start_recognizer_with("recognizer-1", &[("FAILPOINTS", failpoints.as_str())])
         .await;
 
-    let (client, mut watch) = stream(&system);
+    let (client, mut watch) = failover::stream(&system, recording, SPEED);
     let control = async {
         let session = watch.session().await;
         let Holder {
@@ -216,6 +244,34 @@ async fn killed_in_the_middle_of_a_segment() {
     // takes about 55 of them, so the 71st is in the middle of the second sentence.
     let finals = killed_at_failpoint("recognizer::mid_segment", "70*off->return").await;
     assert_eq!(finals, 1, "stopped inside the second segment");
+}
+
+/// Invariant 6 through the sample-rate conversion: a replacement resumes at a replay
+/// point of 48 kHz and of 8 kHz float audio (client samples, mapped from the model's
+/// 16 kHz) and the transcript equals the no-failure one of the same audio.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs --features asr/failpoints"
+)]
+async fn killed_in_the_middle_of_a_segment_at_48_and_8_khz() {
+    use eventlog::{AudioEncoding, AudioFormat};
+    let _serial = testkit::serial::heavy();
+    for (sample_rate, encoding) in [
+        (48_000, AudioEncoding::PcmS16le),
+        (8_000, AudioEncoding::PcmF32le),
+    ] {
+        let format = AudioFormat {
+            sample_rate,
+            encoding,
+        };
+        let finals =
+            killed_at_failpoint_in("recognizer::mid_segment", "70*off->return", Some(format)).await;
+        assert_eq!(
+            finals, 1,
+            "{sample_rate} Hz: stopped inside the second segment"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

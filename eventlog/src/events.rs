@@ -53,6 +53,13 @@ pub struct AudioFormat {
     pub encoding: AudioEncoding,
 }
 
+impl AudioFormat {
+    /// The sample rates a session may declare, in either encoding: the recognizer
+    /// converts each to its model's 16 kHz (`recognizer::audio`), and ingest refuses
+    /// the others at the door.
+    pub const SAMPLE_RATES: [u32; 3] = [8_000, 16_000, 48_000];
+}
+
 /// Who produced an event and when, plus the event itself.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Envelope {

@@ -13,14 +13,6 @@ use eventlog::{AudioEncoding, AudioFormat, SessionId};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Audio formats this build accepts. Other rates (8 and 48 kHz) and `pcm_f32le` are
-/// planned; until then they get [`SessionError::UnsupportedSampleRate`] or
-/// [`SessionError::UnsupportedEncoding`].
-pub const SUPPORTED_FORMATS: &[AudioFormat] = &[AudioFormat {
-    sample_rate: 16_000,
-    encoding: AudioEncoding::PcmS16le,
-}];
-
 /// Bytes of the sequence-number header in front of every audio frame.
 pub const SEQ_HEADER_BYTES: usize = 8;
 
@@ -48,18 +40,18 @@ pub struct OpenRequest {
 }
 
 impl OpenRequest {
-    /// The requested format, if this build serves it.
+    /// The requested format, if the system serves it: `pcm_s16le` or `pcm_f32le`, at
+    /// one of [`AudioFormat::SAMPLE_RATES`].
     pub fn format(&self) -> Result<AudioFormat, SessionError> {
         let encoding = AudioEncoding::from_name(&self.encoding)
             .ok_or_else(|| SessionError::UnsupportedEncoding(self.encoding.clone()))?;
-        if !SUPPORTED_FORMATS.iter().any(|f| f.encoding == encoding) {
-            return Err(SessionError::UnsupportedEncoding(self.encoding.clone()));
+        if !AudioFormat::SAMPLE_RATES.contains(&self.sample_rate) {
+            return Err(SessionError::UnsupportedSampleRate(self.sample_rate));
         }
-        SUPPORTED_FORMATS
-            .iter()
-            .find(|f| f.encoding == encoding && f.sample_rate == self.sample_rate)
-            .copied()
-            .ok_or(SessionError::UnsupportedSampleRate(self.sample_rate))
+        Ok(AudioFormat {
+            sample_rate: self.sample_rate,
+            encoding,
+        })
     }
 }
 
@@ -221,7 +213,7 @@ pub enum SessionError {
     AlreadyOpen,
     #[error("model {requested:?} is not served here (served: {served})")]
     UnknownModel { requested: String, served: String },
-    #[error("sample rate {0} Hz is not supported (supported: 16000)")]
+    #[error("sample rate {0} Hz is not supported (supported: 8000, 16000, 48000)")]
     UnsupportedSampleRate(u32),
     #[error("encoding {0:?} is not supported (supported: pcm_s16le)")]
     UnsupportedEncoding(String),
@@ -357,20 +349,34 @@ mod tests {
     }
 
     #[test]
-    fn only_16k_s16le_is_served() {
-        let f = open("m", 16000, "pcm_s16le").format().unwrap();
-        assert_eq!(f.encoding, AudioEncoding::PcmS16le);
-        assert_eq!(
-            open("m", 48000, "pcm_s16le").format(),
-            Err(SessionError::UnsupportedSampleRate(48000))
-        );
-        assert_eq!(
-            open("m", 16000, "pcm_f32le").format().unwrap_err().code(),
-            "unsupported_encoding"
-        );
+    fn both_encodings_at_8_16_and_48_khz_are_served() {
+        for rate in [8000, 16000, 48000] {
+            for (name, encoding) in [
+                ("pcm_s16le", AudioEncoding::PcmS16le),
+                ("pcm_f32le", AudioEncoding::PcmF32le),
+            ] {
+                assert_eq!(
+                    open("m", rate, name).format(),
+                    Ok(AudioFormat {
+                        sample_rate: rate,
+                        encoding
+                    })
+                );
+            }
+        }
+        for rate in [0, 11025, 22050, 44100, 96000] {
+            assert_eq!(
+                open("m", rate, "pcm_s16le").format(),
+                Err(SessionError::UnsupportedSampleRate(rate))
+            );
+        }
         assert_eq!(
             open("m", 16000, "mulaw").format().unwrap_err().close_code(),
             4006
+        );
+        assert_eq!(
+            open("m", 16000, "opus").format().unwrap_err().code(),
+            "unsupported_encoding"
         );
     }
 

@@ -483,11 +483,11 @@ mod tests {
                 "unknown_model",
             ),
             (
-                r#"{"type":"open","model":"whisper-tiny.en","sample_rate":8000,"encoding":"pcm_s16le"}"#,
+                r#"{"type":"open","model":"whisper-tiny.en","sample_rate":44100,"encoding":"pcm_s16le"}"#,
                 "unsupported_sample_rate",
             ),
             (
-                r#"{"type":"open","model":"whisper-tiny.en","sample_rate":16000,"encoding":"pcm_f32le"}"#,
+                r#"{"type":"open","model":"whisper-tiny.en","sample_rate":16000,"encoding":"mulaw"}"#,
                 "unsupported_encoding",
             ),
             (r#"{"type":"end"}"#, "not_open"),

@@ -489,11 +489,11 @@ async fn bad_input_is_refused_with_documented_codes_while_others_keep_working() 
     expect_refusal(&mut ws, "unknown_model", 4004).await;
 
     let mut ws = h.connect().await;
-    send(&mut ws, open_message(MODEL, 48000, "pcm_s16le")).await;
+    send(&mut ws, open_message(MODEL, 44100, "pcm_s16le")).await;
     expect_refusal(&mut ws, "unsupported_sample_rate", 4005).await;
 
     let mut ws = h.connect().await;
-    send(&mut ws, open_message(MODEL, 16000, "pcm_f32le")).await;
+    send(&mut ws, open_message(MODEL, 16000, "mulaw")).await;
     expect_refusal(&mut ws, "unsupported_encoding", 4006).await;
 
     let mut ws = h.connect().await;

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use client::Recording;
+use eventlog::{AudioEncoding, AudioFormat};
 
 pub const SAMPLE_RATE: u32 = 16_000;
 
@@ -48,6 +49,30 @@ pub fn conversation(sentences: &[&str], gap_ms: u32) -> Vec<i16> {
 /// [`conversation`] as a recording a client streams.
 pub fn sentences(sentences: &[&str], gap_ms: u32) -> Recording {
     Recording::from_i16(SAMPLE_RATE, &conversation(sentences, gap_ms))
+}
+
+/// [`sentences`] in another format a client may send: sox resamples the 16 kHz
+/// conversation to `format`'s rate (with its own proper filtering) and encoding, so the
+/// recording is what a telephone line (8 kHz) or a sound card (48 kHz, float) gives.
+pub fn sentences_as(sentences: &[&str], gap_ms: u32, format: AudioFormat) -> Recording {
+    let dir = std::env::temp_dir().join(format!("asr-speech-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (at_16k, converted) = (dir.join("16k.wav"), dir.join("converted.wav"));
+    write_wav(&self::sentences(sentences, gap_ms), &at_16k);
+    let (bits, encoding) = match format.encoding {
+        AudioEncoding::PcmS16le => ("16", "signed-integer"),
+        AudioEncoding::PcmF32le => ("32", "floating-point"),
+    };
+    run(Command::new("sox")
+        .arg("-R")
+        .arg(&at_16k)
+        .args(["-r", &format.sample_rate.to_string(), "-c", "1"])
+        .args(["-b", bits, "-e", encoding])
+        .arg(&converted));
+    let recording = Recording::read(&converted).expect("sox output");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(recording.format, format);
+    recording
 }
 
 /// Samples as the model takes them, in [-1, 1).

@@ -23,7 +23,7 @@ use tracing::{debug, error, info, warn};
 use super::Ctx;
 use super::partials::{PartialDecision, PartialSchedule};
 use super::tracking::{ChunkMap, SeqCheck, SeqTracker};
-use crate::audio::{AudioError, InputFormat, samples_to_ms};
+use crate::audio::{AudioError, Converter, InputFormat, samples_to_ms};
 use crate::engine::{DecoderEvent, EngineError, ResumePoint, SessionDecoder, Transcript};
 use crate::segmenter::{Segmenter, SegmenterConfig};
 
@@ -124,6 +124,7 @@ pub(crate) struct SessionRun {
     results: Appender,
     progress: Arc<AtomicU64>,
     input: InputFormat,
+    converter: Converter,
     decoder: Option<Decoder>,
     chunks: ChunkMap,
     seq: SeqTracker,
@@ -172,6 +173,7 @@ pub(crate) async fn run(
         a,
         results,
         progress,
+        converter: input.converter(),
         input,
         decoder: Some(decoder),
         chunks: ChunkMap::starting_at(first_sample),
@@ -187,6 +189,7 @@ pub(crate) async fn run(
                 if format != run.input.format() {
                     warn!(%session, ?format, assigned = ?run.input.format(), "the log's format differs from the assignment's; using the log's");
                     run.input = InputFormat::new(format)?;
+                    run.converter = run.input.converter();
                 }
             }
             Event::AudioChunk(chunk) if opened => {
@@ -202,20 +205,17 @@ pub(crate) async fn run(
                         error!(%session, expected, got, offset, missing = got - expected, "audio sequence gap: chunks are missing; decoding on");
                     }
                 }
-                let decoded = run.input.decode(&bytes);
-                if decoded.trailing_bytes > 0 {
-                    warn!(%session, seq = chunk.seq, trailing_bytes = decoded.trailing_bytes, "chunk ends in a partial sample; dropped");
-                }
                 let client_samples = run.input.client_samples(bytes.len()) as u64;
                 run.chunks
                     .push(offset, chunk.seq, client_samples, envelope.at_ms);
-                let mut samples = decoded.samples;
-                if skip > 0 {
-                    // The first chunk after a checkpoint: its head was decoded before.
-                    let model_skip = run.input.client_to_model(skip) as usize;
-                    samples.drain(..model_skip.min(samples.len()));
-                    skip = 0;
+                // The first chunk after a checkpoint: its head was decoded before. The
+                // converter starts at the replay point, as the straight run's had.
+                let head = run.input.client_bytes(std::mem::take(&mut skip) as usize);
+                let decoded = run.converter.push(&bytes[head.min(bytes.len())..]);
+                if decoded.trailing_bytes > 0 {
+                    warn!(%session, seq = chunk.seq, trailing_bytes = decoded.trailing_bytes, "chunk ends in a partial sample; dropped");
                 }
+                let samples = decoded.samples;
                 run.feed(samples, envelope.at_ms).await?;
             }
             Event::EndOfStream { last_seq } if opened => {
@@ -437,7 +437,13 @@ impl SessionRun {
     /// End of the session's audio: the remaining finals, then `TranscriptCompleted`.
     async fn complete(mut self) -> Result<u32, SessionError> {
         stop_point("recognizer::end_of_stream").await;
-        let events = on_decoder(&mut self.decoder, |d| d.finish()).await??;
+        let tail = self.converter.finish();
+        let events = on_decoder(&mut self.decoder, move |d| {
+            let mut events = d.accept(&tail)?;
+            events.extend(d.finish()?);
+            Ok::<_, EngineError>(events)
+        })
+        .await??;
         self.emit(events).await?;
         let segments = self
             .decoder
