@@ -2,6 +2,7 @@
 //! (`asr ingest`, `asr orchestrator`, `asr recognizer`); `asr up` supervises all of them
 //! on one machine; `asr transcribe` streams a WAV file through a running system.
 
+mod local_key;
 mod shutdown;
 mod transcribe;
 mod up;
@@ -30,7 +31,8 @@ enum Command {
     Orchestrator(orchestrator::OrchestratorArgs),
     /// Run a recognition worker.
     Recognizer(recognizer::RecognizerArgs),
-    /// Stream a 16-bit PCM WAV file to ingest and print the transcript.
+    /// Stream a WAV file (16-bit or float PCM, 8/16/48 kHz) to ingest and print the
+    /// transcript.
     Transcribe(transcribe::TranscribeArgs),
 }
 

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use client::{Recording, StreamOptions};
-use ingest::protocol::ServerMessage;
+use ingest::protocol::{Secret, ServerMessage};
+
+use crate::local_key::StateDir;
 
 #[derive(Args, Debug)]
 pub struct TranscribeArgs {
@@ -32,12 +34,28 @@ pub struct TranscribeArgs {
     /// Do not show partials and progress on stderr.
     #[arg(long, short)]
     quiet: bool,
+    /// The tenant's API key. Without it, the local key `asr up` created is used.
+    #[arg(long, env = "ASR_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    #[command(flatten)]
+    state: StateDir,
 }
 
 pub async fn run(args: TranscribeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.speed >= 0.0, "--speed must be 0 (unpaced) or positive");
     let recording = Recording::read(&args.file)?;
+    let api_key = match args.api_key.clone() {
+        Some(key) => Some(key),
+        None => args.state.local_key()?,
+    };
+    if api_key.is_none() {
+        eprintln!(
+            "no API key: none given (--api-key, ASR_API_KEY) and none in {} (`asr up` writes one there); trying without",
+            args.state.keys_file().display()
+        );
+    }
     let options = StreamOptions {
+        api_key: api_key.map(Secret),
         url: args.url.clone(),
         model: args.model.clone(),
         chunk_ms: args.chunk_ms.max(10),

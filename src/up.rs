@@ -15,6 +15,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::local_key::StateDir;
 use crate::shutdown::{self, SUPERVISOR_PID_ENV};
 
 #[derive(Args, Debug)]
@@ -46,6 +47,8 @@ pub struct UpArgs {
     /// The first recognizer serves its metrics/health on this port, the next on port + 1, ….
     #[arg(long, env = "ASR_RECOGNIZER_BASE_PORT", default_value_t = 9201)]
     recognizer_base_port: u16,
+    #[command(flatten)]
+    state: StateDir,
     #[command(flatten)]
     shared: SharedArgs,
 }
@@ -90,7 +93,9 @@ impl UpArgs {
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the asr binary")?;
-    let env = args.shared.to_env();
+    let keys_file = args.state.ensure_local_key()?;
+    let mut env: Vec<(&'static str, String)> = args.shared.to_env();
+    env.push(("ASR_API_KEYS_FILE", keys_file.display().to_string()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (orchestrators, ingest, recognizers) = args.roles();
 
@@ -108,6 +113,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         metrics = %format!("http://{}/metrics", args.listen),
         recognizers = args.recognizers,
         orchestrators = args.orchestrators,
+        keys = %keys_file.display(),
         "system up: stream audio with `asr transcribe FILE.wav`; Ctrl-C stops everything"
     );
 

@@ -24,10 +24,9 @@ fn asr() -> &'static Path {
 
 async fn transcribe(system: &System, recording: &Recording, speed: f64) -> Outcome {
     let options = StreamOptions {
-        url: system.ws_url(),
         speed,
         completion_timeout: Duration::from_secs(90),
-        ..StreamOptions::default()
+        ..system.stream_options()
     };
     match client::stream(&options, recording, |_| {}).await {
         Ok(outcome) => outcome,
@@ -158,6 +157,7 @@ async fn the_cli_prints_the_transcript_and_fails_clearly() {
         .arg("transcribe")
         .arg(&wav)
         .args(["--speed", "0", "--url", &system.ws_url()])
+        .args(["--api-key", &system.api_key])
         .output()
         .await
         .unwrap();
@@ -181,6 +181,8 @@ async fn the_cli_prints_the_transcript_and_fails_clearly() {
             "klingon-xl",
             "--url",
             &system.ws_url(),
+            "--api-key",
+            &system.api_key,
         ])
         .output()
         .await
@@ -189,6 +191,28 @@ async fn the_cli_prints_the_transcript_and_fails_clearly() {
     assert!(!refused.status.success());
     assert!(stderr.contains("unknown_model"), "stderr: {stderr}");
     assert!(refused.stdout.is_empty());
+
+    // A wrong key: refused with the documented code, and the key is not echoed.
+    let wrong = "not-the-right-key-0123456789";
+    let unauthorized = tokio::process::Command::new(asr())
+        .arg("transcribe")
+        .arg(&wav)
+        .args([
+            "--speed",
+            "0",
+            "--url",
+            &system.ws_url(),
+            "--api-key",
+            wrong,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&unauthorized.stderr);
+    assert!(!unauthorized.status.success());
+    assert!(stderr.contains("unauthorized"), "stderr: {stderr}");
+    assert!(!stderr.contains(wrong), "the key is echoed: {stderr}");
+    assert!(unauthorized.stdout.is_empty());
 
     let _ = std::fs::remove_dir_all(&dir);
     system.stop().await;

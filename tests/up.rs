@@ -16,7 +16,6 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use client::StreamOptions;
 use eventlog::log::{LogConfig, StreamLog};
 use eventlog::streams::StreamLayout;
 use futures::FutureExt;
@@ -213,6 +212,8 @@ struct Up {
     recognizer_base_port: u16,
     recognizers: u16,
     log: PathBuf,
+    /// Where `asr up` keeps its local API key.
+    state_dir: PathBuf,
     /// Every child ever seen, so that cleanup leaves none behind even when supervision
     /// is broken.
     seen: Mutex<Vec<Proc>>,
@@ -222,6 +223,7 @@ impl Up {
     fn start(recognizers: u16) -> Up {
         let namespace = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let log = std::env::temp_dir().join(format!("asr-up-{namespace}.log"));
+        let state_dir = std::env::temp_dir().join(format!("asr-up-{namespace}-state"));
         let ingest_port = free_port();
         let (grpc_port, http_port) = (free_ports(ORCHESTRATORS), free_ports(ORCHESTRATORS));
         let recognizer_base_port = free_ports(recognizers);
@@ -235,6 +237,7 @@ impl Up {
                 format!("--recognizer-base-port={recognizer_base_port}"),
                 format!("--namespace={namespace}"),
                 format!("--partitions={PARTITIONS}"),
+                format!("--state-dir={}", state_dir.display()),
             ])
             .env("RUST_LOG", "info")
             .env_remove("ASR_SUPERVISOR_PID")
@@ -252,6 +255,7 @@ impl Up {
             recognizer_base_port,
             recognizers,
             log,
+            state_dir,
             seen: Mutex::new(Vec::new()),
         }
     }
@@ -379,9 +383,11 @@ impl Up {
     }
 
     /// Stops `asr up` if it still runs (and SIGKILLs any child that outlived it), then
-    /// removes the namespace's streams and Redis keys, and the log unless `keep_log`.
+    /// removes the namespace's streams and Redis keys, its state folder, and the log
+    /// unless `keep_log`.
     async fn cleanup(self, keep_log: bool) {
         let (namespace, log) = (self.namespace.clone(), self.log.clone());
+        let _ = std::fs::remove_dir_all(&self.state_dir);
         let seen = std::mem::take(&mut *self.seen.lock().unwrap());
         let mut up = self;
         if let Ok(None) = up.child.try_wait() {
@@ -506,22 +512,31 @@ async fn a_killed_recognizer_is_replaced_by_a_fresh_process_every_time() {
             kids = now;
         }
 
-        // The system still serves: a session streamed through it completes.
+        // The system still serves: a session streamed through it by the CLI, which
+        // finds the local API key `asr up` created without being told it, completes.
         let sentence = "please send an ambulance to the main street";
-        let options = StreamOptions {
-            url: up.ws_url(),
-            speed: 0.0,
-            completion_timeout: Duration::from_secs(60),
-            ..StreamOptions::default()
-        };
-        let recording = testkit::speech::sentences(&[sentence], 800);
-        let outcome = match client::stream(&options, &recording, |_| {}).await {
-            Ok(outcome) => outcome,
-            Err(e) => panic!("the session failed: {e}; the log:\n{}", up.log()),
-        };
-        println!("after the kills, heard {:?}", outcome.transcript);
+        let wav = up.state_dir.join("call.wav");
+        testkit::speech::write_wav(&testkit::speech::sentences(&[sentence], 800), &wav);
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_asr"))
+            .arg("transcribe")
+            .arg(&wav)
+            .args(["--speed", "0", "--url", &up.ws_url()])
+            .arg("--state-dir")
+            .arg(&up.state_dir)
+            .env_remove("ASR_API_KEY")
+            .output()
+            .await
+            .expect("running asr transcribe");
+        let transcript = String::from_utf8_lossy(&output.stdout);
         assert!(
-            !outcome.transcript.trim().is_empty(),
+            output.status.success(),
+            "the session failed: {}; the log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            up.log()
+        );
+        println!("after the kills, heard {transcript:?}");
+        assert!(
+            !transcript.trim().is_empty(),
             "a transcript after the kills"
         );
         up.assert_running("the session ran");

@@ -324,9 +324,8 @@ async fn pipeline(
 /// Streaming at real-time pace to the system's ingest.
 fn real_time(system: &System) -> StreamOptions {
     StreamOptions {
-        url: system.ws_url(),
         speed: 1.0,
-        ..StreamOptions::default()
+        ..system.stream_options()
     }
 }
 

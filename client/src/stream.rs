@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use ingest::protocol::{ClientMessage, OpenRequest, SEQ_HEADER_BYTES, Segment, ServerMessage};
+use ingest::protocol::{
+    ClientMessage, OpenRequest, SEQ_HEADER_BYTES, Secret, Segment, ServerMessage,
+};
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -41,6 +43,8 @@ pub struct StreamOptions {
     pub max_in_flight: usize,
     /// How long to wait for `completed` once all audio is sent.
     pub completion_timeout: Duration,
+    /// The tenant's API key, sent in `open`.
+    pub api_key: Option<Secret>,
 }
 
 impl Default for StreamOptions {
@@ -52,6 +56,7 @@ impl Default for StreamOptions {
             speed: 1.0,
             max_in_flight: 64,
             completion_timeout: Duration::from_secs(120),
+            api_key: None,
         }
     }
 }
@@ -106,6 +111,7 @@ pub async fn stream(
         model: options.model.clone(),
         sample_rate: recording.format.sample_rate,
         encoding: recording.format.encoding.name().into(),
+        api_key: options.api_key.clone(),
     });
     sink.send(Message::text(open.to_json()))
         .await

@@ -1,6 +1,7 @@
 //! The ingest node's settings: flags with environment fallbacks.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use eventlog::config::SharedArgs;
 
 use crate::protocol::Limits;
 use crate::session::SessionConfig;
+use crate::tenants::{ApiKey, ApiKeys, KeyError};
 
 #[derive(Args, Clone, Debug, PartialEq, Eq)]
 pub struct IngestArgs {
@@ -42,6 +44,22 @@ pub struct IngestArgs {
     /// is closed.
     #[arg(long, env = "ASR_INGEST_IDLE_TIMEOUT_SECS", default_value_t = 60)]
     pub idle_timeout_secs: u64,
+    /// A file of API keys, one `tenant key` per line (`#` comments). `asr up` writes
+    /// one for the local tenant.
+    #[arg(long, env = "ASR_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// API keys as `tenant=key`, comma-separated (in addition to the file).
+    #[arg(
+        long,
+        env = "ASR_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<ApiKey>,
+    /// Also serve clients that show no key, as the tenant `anonymous` (a trusted
+    /// network only).
+    #[arg(long, env = "ASR_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
     #[command(flatten)]
     pub shared: SharedArgs,
 }
@@ -60,11 +78,25 @@ impl IngestArgs {
         }
     }
 
-    pub fn session_config(&self) -> Arc<SessionConfig> {
-        Arc::new(SessionConfig {
+    /// The keys of `--api-keys-file` and `--api-keys`.
+    pub fn api_keys(&self) -> Result<ApiKeys, KeyError> {
+        let mut keys = self.api_keys.clone();
+        if let Some(path) = &self.api_keys_file {
+            let text = std::fs::read_to_string(path).map_err(|e| KeyError::Unreadable {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            keys.extend(ApiKeys::parse_file(&text, path)?);
+        }
+        ApiKeys::new(keys, self.allow_anonymous)
+    }
+
+    pub fn session_config(&self) -> Result<Arc<SessionConfig>, KeyError> {
+        Ok(Arc::new(SessionConfig {
             models: self.models.clone(),
             limits: self.limits(),
-        })
+            keys: self.api_keys()?,
+        }))
     }
 
     pub fn ping_interval(&self) -> Duration {
@@ -94,5 +126,33 @@ mod tests {
         assert_eq!(args.models, vec!["a".to_string(), "b".to_string()]);
         assert!(args.node_id.starts_with("ingest-") && args.node_id.len() == 15);
         assert_eq!(args.limits().max_frame_bytes, 65_536);
+        assert!(args.api_keys().unwrap().locks_everyone_out());
+    }
+
+    #[test]
+    fn keys_from_the_flag_and_a_file() {
+        let dir = std::env::temp_dir().join(format!("asr-keys-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys");
+        std::fs::write(&file, "# local\nlocal local-key-0123456789\n").unwrap();
+        let cli = Cli::parse_from([
+            "ingest",
+            "--api-keys",
+            "a=a-key-0123456789ab,b=b-key-0123456789ab",
+            "--api-keys-file",
+            file.to_str().unwrap(),
+        ]);
+        let keys = cli.ingest.api_keys().unwrap();
+        assert_eq!(keys.tenants(), 3);
+        assert_eq!(
+            keys.authenticate(Some("local-key-0123456789")),
+            Ok("local".into())
+        );
+        assert_eq!(
+            keys.authenticate(Some("b-key-0123456789ab")),
+            Ok("b".into())
+        );
+        assert!(Cli::try_parse_from(["ingest", "--api-keys", "a=short"]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -25,7 +25,7 @@ use uuid::Uuid;
 use crate::appenders::Lease;
 use crate::metrics;
 use crate::outbox::Outbox;
-use crate::protocol::SessionError;
+use crate::protocol::{Secret, SessionError};
 use crate::server::Node;
 use crate::session::{Action, Allocation, Appended, Session};
 
@@ -50,13 +50,18 @@ type Confirm = BoxFuture<'static, (Appended, Instant, Result<(), LogError>)>;
 type ResultItem = Result<Envelope, LogError>;
 
 /// Serves one upgraded socket to its end. `permit` is `None` when the node is full.
-pub async fn serve(node: Arc<Node>, socket: WebSocket, permit: Option<OwnedSemaphorePermit>) {
+pub async fn serve(
+    node: Arc<Node>,
+    socket: WebSocket,
+    permit: Option<OwnedSemaphorePermit>,
+    bearer: Option<Secret>,
+) {
     let (sink, mut stream) = socket.split();
     let outbox = Outbox::spawn(sink);
     let error = match permit {
         None => Some(SessionError::TooManyConnections(node.max_connections)),
         Some(_permit) => {
-            let mut connection = Connection::new(node.clone(), &outbox);
+            let mut connection = Connection::new(node.clone(), &outbox, bearer);
             let end = connection.run(&mut stream).await;
             connection.finish(&end).await;
             match end {
@@ -101,8 +106,8 @@ struct Connection<'a> {
 }
 
 impl<'a> Connection<'a> {
-    fn new(node: Arc<Node>, outbox: &'a Outbox) -> Self {
-        let session = Session::new(node.session_config.clone(), Uuid::new_v4());
+    fn new(node: Arc<Node>, outbox: &'a Outbox, bearer: Option<Secret>) -> Self {
+        let session = Session::new(node.session_config.clone(), Uuid::new_v4(), bearer);
         Self {
             node,
             outbox,

@@ -11,6 +11,7 @@
 //! - [`outbox`]: the bounded sending queue and the slow-reader policy;
 //! - [`appenders`]: the node's shared audio producers, one per partition;
 //! - [`server`]: the axum router, readiness, and serving until shutdown;
+//! - [`tenants`]: API keys and the tenants they name (pure);
 //! - [`config`]: the flags, [`IngestArgs`];
 //! - [`metrics`]: metric names.
 
@@ -22,6 +23,7 @@ pub mod outbox;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod tenants;
 
 use std::future::Future;
 

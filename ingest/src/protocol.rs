@@ -29,7 +29,7 @@ pub enum ClientMessage {
 const CLIENT_MESSAGE_TYPES: &[&str] = &["open", "end"];
 
 /// `{"type":"open",...}`. Unknown fields are ignored, so that clients written against
-/// a later protocol (an `api_key`, a resume token) still open sessions here.
+/// a later protocol (a resume token) still open sessions here.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenRequest {
     pub model: String,
@@ -37,6 +37,21 @@ pub struct OpenRequest {
     /// Kept as text: an encoding this build does not know is a refusal with its own
     /// code, not a malformed message.
     pub encoding: String,
+    /// The tenant's API key, unless the upgrade request carried it in an
+    /// `Authorization: Bearer` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<Secret>,
+}
+
+/// A credential on the wire: serialised as the plain string, never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<hidden>")
+    }
 }
 
 impl OpenRequest {
@@ -211,11 +226,13 @@ pub enum SessionError {
     InvalidMessage { kind: String, detail: String },
     #[error("the session is already open")]
     AlreadyOpen,
+    #[error("missing or unknown API key")]
+    Unauthorized,
     #[error("model {requested:?} is not served here (served: {served})")]
     UnknownModel { requested: String, served: String },
     #[error("sample rate {0} Hz is not supported (supported: 8000, 16000, 48000)")]
     UnsupportedSampleRate(u32),
-    #[error("encoding {0:?} is not supported (supported: pcm_s16le)")]
+    #[error("encoding {0:?} is not supported (supported: pcm_s16le, pcm_f32le)")]
     UnsupportedEncoding(String),
     #[error("{0} before open")]
     NotOpen(&'static str),
@@ -277,6 +294,7 @@ impl SessionError {
             TooManyConnections(_) => ("too_many_connections", 4014),
             BrokerUnavailable(_) => ("broker_unavailable", 4015),
             OrchestratorUnavailable(_) => ("orchestrator_unavailable", 4016),
+            Unauthorized => ("unauthorized", 4017),
             FrameTooLarge { .. } => ("frame_too_large", 1009),
             ShuttingDown => ("shutting_down", 1001),
             Internal(_) => ("internal_error", 1011),
@@ -302,6 +320,7 @@ mod tests {
             model: model.into(),
             sample_rate: rate,
             encoding: encoding.into(),
+            api_key: None,
         }
     }
 
@@ -321,10 +340,23 @@ mod tests {
     #[test]
     fn unknown_fields_are_ignored_for_forward_compatibility() {
         let m = parse_text(
-            r#"{"type":"open","model":"m","sample_rate":16000,"encoding":"pcm_s16le","api_key":"k"}"#,
+            r#"{"type":"open","model":"m","sample_rate":16000,"encoding":"pcm_s16le","resume_token":"r"}"#,
         )
         .unwrap();
         assert_eq!(m, ClientMessage::Open(open("m", 16000, "pcm_s16le")));
+    }
+
+    #[test]
+    fn the_api_key_is_read_and_never_shown() {
+        let m = parse_text(
+            r#"{"type":"open","model":"m","sample_rate":16000,"encoding":"pcm_s16le","api_key":"k-123"}"#,
+        )
+        .unwrap();
+        let ClientMessage::Open(open) = m else {
+            panic!("an open message")
+        };
+        assert_eq!(open.api_key, Some(Secret("k-123".into())));
+        assert!(!format!("{open:?}").contains("k-123"));
     }
 
     #[test]
@@ -438,6 +470,7 @@ mod tests {
                 detail: String::new(),
             },
             SessionError::AlreadyOpen,
+            SessionError::Unauthorized,
             SessionError::UnknownModel {
                 requested: String::new(),
                 served: String::new(),

@@ -9,6 +9,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::http::HeaderMap;
+use axum::http::header::AUTHORIZATION;
 use axum::response::Response;
 use axum::routing::get;
 use eventlog::log::StreamLog;
@@ -21,7 +23,9 @@ use tokio::sync::{Semaphore, watch};
 use crate::appenders::AudioAppenders;
 use crate::config::IngestArgs;
 use crate::connection;
+use crate::protocol::Secret;
 use crate::session::SessionConfig;
+use crate::tenants::KeyError;
 
 /// How long a stopping node waits for its sessions to close.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -38,6 +42,12 @@ pub enum ServeError {
     },
     #[error("serving HTTP: {0}")]
     Http(#[source] std::io::Error),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(
+        "no API keys configured, so no client could open a session: pass --api-keys-file FILE (lines `tenant key`) or --api-keys tenant=key (ASR_API_KEYS), or --allow-anonymous on a trusted network"
+    )]
+    NoKeys,
 }
 
 /// What every connection of the node shares.
@@ -75,8 +85,17 @@ impl Node {
                 url: args.shared.redis_url.clone(),
                 source,
             })?;
+        let session_config = args.session_config()?;
+        if session_config.keys.locks_everyone_out() {
+            return Err(ServeError::NoKeys);
+        }
+        tracing::info!(
+            tenants = session_config.keys.tenants(),
+            anonymous = args.allow_anonymous,
+            "API keys loaded"
+        );
         Ok(Arc::new(Self {
-            session_config: args.session_config(),
+            session_config,
             node_id: args.node_id.clone(),
             appenders: AudioAppenders::new(
                 log.clone(),
@@ -105,7 +124,16 @@ impl Node {
     }
 }
 
-async fn upgrade(State(node): State<Arc<Node>>, ws: WebSocketUpgrade) -> Response {
+async fn upgrade(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let bearer = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|key| Secret(key.trim().to_string()));
     // Over the limit, the upgrade still completes so the client gets a proper error
     // and close code rather than a bare HTTP status.
     let permit = node.connections.clone().try_acquire_owned().ok();
@@ -114,7 +142,7 @@ async fn upgrade(State(node): State<Arc<Node>>, ws: WebSocketUpgrade) -> Respons
     let transport_limit = node.max_frame_bytes.saturating_mul(4).max(1 << 16);
     ws.max_message_size(transport_limit)
         .max_frame_size(transport_limit)
-        .on_upgrade(move |socket| connection::serve(node, socket, permit))
+        .on_upgrade(move |socket| connection::serve(node, socket, permit, bearer))
 }
 
 /// Ready when the broker answers a metadata query and an orchestrator leader is

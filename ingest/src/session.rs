@@ -23,12 +23,9 @@ use eventlog::results::{ResultFilter, Verdict};
 use eventlog::{AudioFormat, Event, SessionId};
 
 use crate::protocol::{
-    self, ClientMessage, Limits, OpenRequest, Segment, ServerMessage, SessionError,
+    self, ClientMessage, Limits, OpenRequest, Secret, Segment, ServerMessage, SessionError,
 };
-
-/// Every session's tenant until API keys arrive (a later issue): the key presented at
-/// open will name the tenant here.
-pub const LOCAL_TENANT: &str = "local";
+use crate::tenants::ApiKeys;
 
 /// What a node serves, the same for all its sessions.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +33,8 @@ pub struct SessionConfig {
     /// Model names this node accepts in `open`.
     pub models: Vec<String>,
     pub limits: Limits,
+    /// Who may open sessions, and as which tenant.
+    pub keys: ApiKeys,
 }
 
 /// What the server must do next.
@@ -90,6 +89,8 @@ pub enum Phase {
 pub struct Session {
     config: Arc<SessionConfig>,
     id: SessionId,
+    /// The key the connection's upgrade request carried (`Authorization: Bearer`).
+    bearer: Option<Secret>,
     phase: Phase,
     model: String,
     format: Option<AudioFormat>,
@@ -107,11 +108,13 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session that will be called `id` once it opens.
-    pub fn new(config: Arc<SessionConfig>, id: SessionId) -> Self {
+    /// A session that will be called `id` once it opens; `bearer` is the API key of
+    /// the connection's upgrade request, if it had one (`open` may carry it instead).
+    pub fn new(config: Arc<SessionConfig>, id: SessionId, bearer: Option<Secret>) -> Self {
         Self {
             config,
             id,
+            bearer,
             phase: Phase::AwaitingOpen,
             model: String::new(),
             format: None,
@@ -298,6 +301,17 @@ impl Session {
         if self.phase != Phase::AwaitingOpen {
             return self.fail(SessionError::AlreadyOpen);
         }
+        // First: nothing about the node (its models, its formats) is told to a client
+        // that has not shown a key.
+        let presented = open.api_key.as_ref().or(self.bearer.as_ref());
+        let tenant = match self
+            .config
+            .keys
+            .authenticate(presented.map(|k| k.0.as_str()))
+        {
+            Ok(tenant) => tenant,
+            Err(_) => return self.fail(SessionError::Unauthorized),
+        };
         if !self.config.models.contains(&open.model) {
             let served = self.config.models.join(", ");
             return self.fail(SessionError::UnknownModel {
@@ -314,7 +328,7 @@ impl Session {
         self.format = Some(format);
         vec![Action::Open {
             session: self.id,
-            tenant: LOCAL_TENANT.into(),
+            tenant,
             model: open.model,
             format,
         }]
@@ -379,8 +393,8 @@ mod tests {
     use eventlog::AudioEncoding;
     use uuid::Uuid;
 
-    const OPEN: &str =
-        r#"{"type":"open","model":"whisper-tiny.en","sample_rate":16000,"encoding":"pcm_s16le"}"#;
+    const OPEN: &str = r#"{"type":"open","model":"whisper-tiny.en","sample_rate":16000,"encoding":"pcm_s16le","api_key":"north-key-0123456789"}"#;
+    const KEY: &str = "north-key-0123456789";
 
     fn config() -> Arc<SessionConfig> {
         Arc::new(SessionConfig {
@@ -391,6 +405,14 @@ mod tests {
                 ping_interval_secs: 20,
                 idle_timeout_secs: 60,
             },
+            keys: ApiKeys::new(
+                vec![
+                    crate::tenants::ApiKey::new("north", KEY).unwrap(),
+                    crate::tenants::ApiKey::new("south", "south-key-0123456789").unwrap(),
+                ],
+                false,
+            )
+            .unwrap(),
         })
     }
 
@@ -408,12 +430,12 @@ mod tests {
     }
 
     fn open_session() -> Session {
-        let mut s = Session::new(config(), Uuid::new_v4());
+        let mut s = Session::new(config(), Uuid::new_v4(), None);
         let actions = s.on_text(OPEN);
         assert!(matches!(
             &actions[..],
             [Action::Open { tenant, format, .. }]
-                if tenant == "local" && format.encoding == AudioEncoding::PcmS16le
+                if tenant == "north" && format.encoding == AudioEncoding::PcmS16le
         ));
         let opened = s.on_opened();
         assert!(matches!(
@@ -474,6 +496,52 @@ mod tests {
     }
 
     #[test]
+    fn a_key_opens_a_session_as_its_tenant_and_nothing_else_does() {
+        let open = |key: Option<&str>| {
+            let mut request = serde_json::json!({
+                "type": "open", "model": "whisper-tiny.en",
+                "sample_rate": 16000, "encoding": "pcm_s16le"
+            });
+            if let Some(key) = key {
+                request["api_key"] = key.into();
+            }
+            request.to_string()
+        };
+        let tenant_of = |actions: &[Action]| match actions {
+            [Action::Open { tenant, .. }] => Some(tenant.clone()),
+            _ => None,
+        };
+        let mut s = Session::new(config(), Uuid::new_v4(), None);
+        assert_eq!(
+            tenant_of(&s.on_text(&open(Some("south-key-0123456789")))),
+            Some("south".into())
+        );
+        // The upgrade request's bearer key serves when `open` has none.
+        let mut s = Session::new(config(), Uuid::new_v4(), Some(Secret(KEY.into())));
+        assert_eq!(tenant_of(&s.on_text(&open(None))), Some("north".into()));
+        for (bearer, key) in [
+            (None, None),
+            (None, Some("north-key-01234567")),
+            (Some("wrong-key-0123456789"), None),
+            (None, Some("")),
+        ] {
+            let mut s = Session::new(config(), Uuid::new_v4(), bearer.map(|b| Secret(b.into())));
+            let actions = s.on_text(&open(key));
+            let [Action::Close(Some(e))] = &actions[..] else {
+                panic!("refused: {actions:?}")
+            };
+            assert_eq!((e.code(), e.close_code()), ("unauthorized", 4017));
+            assert_eq!(e.to_string(), "missing or unknown API key");
+            assert_eq!(s.phase(), Phase::Failed);
+        }
+        // Refused before anything about the node is told: an unknown model with a
+        // wrong key is `unauthorized`, not `unknown_model`.
+        let mut s = Session::new(config(), Uuid::new_v4(), None);
+        let wrong = r#"{"type":"open","model":"nope","sample_rate":1,"encoding":"x","api_key":"bad-key-0123456789"}"#;
+        assert_eq!(error_code(&s.on_text(wrong)), Some("unauthorized"));
+    }
+
+    #[test]
     fn refusals_at_open() {
         let cases = [
             ("{", "invalid_json"),
@@ -493,10 +561,10 @@ mod tests {
             (r#"{"type":"end"}"#, "not_open"),
         ];
         for (text, code) in cases {
-            let mut s = Session::new(config(), Uuid::new_v4());
+            let mut s = Session::new(config(), Uuid::new_v4(), Some(Secret(KEY.into())));
             assert_eq!(error_code(&s.on_text(text)), Some(code), "{text}");
         }
-        let mut s = Session::new(config(), Uuid::new_v4());
+        let mut s = Session::new(config(), Uuid::new_v4(), None);
         assert_eq!(error_code(&s.on_binary(frame(0, 1))), Some("not_open"));
     }
 

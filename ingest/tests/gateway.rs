@@ -121,6 +121,8 @@ impl Harness {
             &MAX_FRAME_BYTES.to_string(),
             "--ping-interval-secs",
             "1",
+            "--api-keys",
+            &format!("north={NORTH_KEY},south={SOUTH_KEY}"),
         ])
         .ingest;
         testkit::announce_fake_leader(
@@ -154,10 +156,22 @@ impl Harness {
     }
 
     async fn connect(&self) -> Ws {
+        self.connect_with(None).await
+    }
+
+    /// Connects, with `Authorization: Bearer {key}` on the upgrade request if given.
+    async fn connect_with(&self, bearer: Option<&str>) -> Ws {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let url = format!("ws://{}/v1/stream", self.addr);
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            match connect_async(&url).await {
+            let mut request = url.as_str().into_client_request().unwrap();
+            if let Some(key) = bearer {
+                request
+                    .headers_mut()
+                    .insert("authorization", format!("Bearer {key}").parse().unwrap());
+            }
+            match connect_async(request).await {
                 Ok((ws, _)) => return ws,
                 Err(e) if tokio::time::Instant::now() > deadline => panic!("connect: {e}"),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -213,8 +227,13 @@ impl Harness {
     }
 }
 
+/// The keys of the harness's two tenants.
+const NORTH_KEY: &str = "north-key-0123456789";
+const SOUTH_KEY: &str = "south-key-0123456789";
+
+/// `open` as tenant north.
 fn open_message(model: &str, rate: u32, encoding: &str) -> Value {
-    json!({"type": "open", "model": model, "sample_rate": rate, "encoding": encoding})
+    json!({"type": "open", "model": model, "sample_rate": rate, "encoding": encoding, "api_key": NORTH_KEY})
 }
 
 fn audio(seq: u64, samples: usize) -> Vec<u8> {
@@ -338,7 +357,7 @@ async fn a_session_gets_acks_for_stored_chunks_and_only_accepted_results() {
     let request = &allocations[0];
     assert_eq!(request.session_id, session.to_string());
     assert_eq!(request.model_name, MODEL);
-    assert_eq!(request.tenant, "local");
+    assert_eq!(request.tenant, "north", "the key's tenant");
     assert_eq!(request.sample_rate, 16000);
     assert_eq!(request.encoding, "pcm_s16le");
 
@@ -363,7 +382,7 @@ async fn a_session_gets_acks_for_stored_chunks_and_only_accepted_results() {
             model,
             format,
         } => {
-            assert_eq!((tenant.as_str(), model.as_str()), ("local", MODEL));
+            assert_eq!((tenant.as_str(), model.as_str()), ("north", MODEL));
             assert_eq!(format.sample_rate, 16000);
             assert_eq!(stored[0].at_ms, request.opened_at_ms);
         }
@@ -487,6 +506,33 @@ async fn bad_input_is_refused_with_documented_codes_while_others_keep_working() 
     let mut ws = h.connect().await;
     send(&mut ws, open_message("whisper-huge", 16000, "pcm_s16le")).await;
     expect_refusal(&mut ws, "unknown_model", 4004).await;
+
+    // Keys: none, a wrong one, one a character short; in `open` or on the upgrade.
+    for (bearer, key) in [
+        (None, None),
+        (None, Some("north-key-012345678X")),
+        (None, Some(&NORTH_KEY[1..])),
+        (Some("south-key-0123456780"), None),
+    ] {
+        let mut ws = h.connect_with(bearer).await;
+        let mut open = open_message(MODEL, 16000, "pcm_s16le");
+        match key {
+            Some(key) => open["api_key"] = key.into(),
+            None => {
+                open.as_object_mut().unwrap().remove("api_key");
+            }
+        }
+        send(&mut ws, open).await;
+        expect_refusal(&mut ws, "unauthorized", 4017).await;
+    }
+    // The bearer header alone opens a session, as its tenant.
+    let mut ws = h.connect_with(Some(SOUTH_KEY)).await;
+    let mut open = open_message(MODEL, 16000, "pcm_s16le");
+    open.as_object_mut().unwrap().remove("api_key");
+    send(&mut ws, open).await;
+    assert_eq!(next_json(&mut ws).await["type"], "opened");
+    let requests = h.orchestrator.requests.lock().unwrap().clone();
+    assert_eq!(requests.last().map(|r| r.tenant.as_str()), Some("south"));
 
     let mut ws = h.connect().await;
     send(&mut ws, open_message(MODEL, 44100, "pcm_s16le")).await;

@@ -162,10 +162,9 @@ pub fn stream(
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     let options = StreamOptions {
-        url: system.ws_url(),
         speed,
         completion_timeout: Duration::from_secs(120),
-        ..StreamOptions::default()
+        ..system.stream_options()
     };
     let client = async move {
         client::stream(&options, &recording, |message| {

@@ -14,8 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use client::StreamOptions;
 use eventlog::log::{LogConfig, StreamLog};
 use eventlog::streams::StreamLayout;
+use ingest::protocol::Secret;
 use tokio::process::{Child, Command};
 
 use crate::free_port;
@@ -65,10 +67,15 @@ pub struct Assignment {
     pub state: String,
 }
 
+/// The tenant a test system's sessions belong to.
+pub const TEST_TENANT: &str = "test";
+
 pub struct System {
     pub namespace: String,
     pub layout: StreamLayout,
     pub ingest_port: u16,
+    /// The key of [`TEST_TENANT`], which ingest is given.
+    pub api_key: String,
     /// `redis://…/{db}`, as every process of the system is given it.
     pub redis_url: String,
     pub processes: Vec<Process>,
@@ -86,7 +93,12 @@ impl System {
         let logs = std::env::temp_dir().join(format!("asr-{namespace}"));
         std::fs::create_dir_all(&logs).expect("log dir");
         let redis_url = format!("redis://127.0.0.1:6379/{}", config.redis_db);
+        let api_key = format!("test-{}", uuid::Uuid::new_v4().simple());
         let mut env = vec![
+            (
+                "ASR_API_KEYS".to_string(),
+                format!("{TEST_TENANT}={api_key}"),
+            ),
             ("ASR_NAMESPACE".to_string(), namespace.clone()),
             ("ASR_PARTITIONS".to_string(), config.partitions.to_string()),
             ("ASR_REDIS_URL".to_string(), redis_url.clone()),
@@ -97,6 +109,7 @@ impl System {
             layout: StreamLayout::new(namespace.clone(), config.partitions),
             namespace,
             ingest_port: free_port(),
+            api_key,
             redis_url,
             processes: Vec::new(),
             bin: bin.to_path_buf(),
@@ -134,6 +147,15 @@ impl System {
 
     pub fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}/v1/stream", self.ingest_port)
+    }
+
+    /// How a client streams to this system: its ingest URL and its tenant's key.
+    pub fn stream_options(&self) -> StreamOptions {
+        StreamOptions {
+            url: self.ws_url(),
+            api_key: Some(Secret(self.api_key.clone())),
+            ..StreamOptions::default()
+        }
     }
 
     /// Starts one more recognizer and waits until its model is loaded.
