@@ -137,7 +137,7 @@ pub async fn stream(
     on_message(&first);
     match first {
         ServerMessage::Opened { session_id, .. } => outcome.session_id = session_id,
-        ServerMessage::Error { code, message } => {
+        ServerMessage::Error { code, message, .. } => {
             return Err(ClientError::Server {
                 code: code.into_owned(),
                 message,
@@ -220,7 +220,7 @@ pub async fn stream(
                 outcome.missing_segments = missing_segments;
                 return Ok(outcome);
             }
-            ServerMessage::Error { code, message } => {
+            ServerMessage::Error { code, message, .. } => {
                 return Err(ClientError::Server {
                     code: code.into_owned(),
                     message,

@@ -34,6 +34,14 @@ pub struct IngestArgs {
     /// Most audio one session may carry, in seconds.
     #[arg(long, env = "ASR_INGEST_MAX_SESSION_SECS", default_value_t = 14_400)]
     pub max_session_secs: u64,
+    /// Most sessions one tenant may have open on this node at once (more are refused
+    /// with `tenant_session_limit` and a retry hint).
+    #[arg(
+        long,
+        env = "ASR_INGEST_MAX_SESSIONS_PER_TENANT",
+        default_value_t = 1_000
+    )]
+    pub max_sessions_per_tenant: usize,
     /// Most WebSocket connections served at once.
     #[arg(long, env = "ASR_INGEST_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,

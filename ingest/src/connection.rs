@@ -26,6 +26,7 @@ use crate::appenders::Lease;
 use crate::metrics;
 use crate::outbox::Outbox;
 use crate::protocol::{Secret, SessionError};
+use crate::quota::Slot;
 use crate::server::Node;
 use crate::session::{Action, Allocation, Appended, Session};
 
@@ -103,6 +104,8 @@ struct Connection<'a> {
     opened: bool,
     /// What AllocateWorker is asked, once the session is open.
     allocation: Option<AllocateWorkerRequest>,
+    /// The session's place in its tenant's quota on this node.
+    tenant_slot: Option<Slot>,
 }
 
 impl<'a> Connection<'a> {
@@ -118,6 +121,7 @@ impl<'a> Connection<'a> {
             results_task: None,
             opened: false,
             allocation: None,
+            tenant_slot: None,
         }
     }
 
@@ -227,6 +231,15 @@ impl<'a> Connection<'a> {
         format: eventlog::AudioFormat,
     ) -> Vec<Action> {
         let node = self.node.clone();
+        match node.tenant_quota.try_take(&tenant) {
+            Some(slot) => self.tenant_slot = Some(slot),
+            None => {
+                let limit = node.tenant_quota.limit();
+                return self
+                    .session
+                    .fail(SessionError::TenantSessionLimit { tenant, limit });
+            }
+        }
         let lease = match node.appenders.get(node.layout.partition_of(session)).await {
             Ok(lease) => lease,
             Err(e) => {

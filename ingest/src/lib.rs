@@ -12,6 +12,7 @@
 //! - [`appenders`]: the node's shared audio producers, one per partition;
 //! - [`server`]: the axum router, readiness, and serving until shutdown;
 //! - [`tenants`]: API keys and the tenants they name (pure);
+//! - [`quota`]: sessions per tenant on this node, capped;
 //! - [`config`]: the flags, [`IngestArgs`];
 //! - [`metrics`]: metric names.
 
@@ -21,6 +22,7 @@ pub mod connection;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod quota;
 pub mod server;
 pub mod session;
 pub mod tenants;

@@ -181,6 +181,10 @@ pub enum ServerMessage {
     Error {
         code: Cow<'static, str>,
         message: String,
+        /// For refusals that pass with time (a node or tenant at its limit): seconds
+        /// after which trying again is worth it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_secs: Option<u64>,
     },
 }
 
@@ -210,6 +214,10 @@ impl ServerMessage {
         matches!(self, ServerMessage::Partial(_))
     }
 }
+
+/// The retry hint of refusals at a limit: sessions last minutes, so seconds is the
+/// scale on which a slot may free up (or another node be tried).
+pub const RETRY_AFTER_SECS: u64 = 5;
 
 /// Normal closure, after `completed`.
 pub const CLOSE_NORMAL: u16 = 1000;
@@ -250,8 +258,12 @@ pub enum SessionError {
     IdleTimeout(u64),
     #[error("the client does not read its messages fast enough")]
     ClientTooSlow,
-    #[error("this node serves at most {0} connections")]
+    #[error("this node serves at most {0} connections; retry later or on another node")]
     TooManyConnections(usize),
+    #[error(
+        "tenant {tenant:?} already has {limit} sessions open on this node; retry later or on another node"
+    )]
+    TenantSessionLimit { tenant: String, limit: usize },
     #[error("the event log is unavailable: {0}")]
     BrokerUnavailable(String),
     #[error("the orchestrator is unavailable: {0}")]
@@ -295,9 +307,20 @@ impl SessionError {
             BrokerUnavailable(_) => ("broker_unavailable", 4015),
             OrchestratorUnavailable(_) => ("orchestrator_unavailable", 4016),
             Unauthorized => ("unauthorized", 4017),
+            TenantSessionLimit { .. } => ("tenant_session_limit", 4018),
             FrameTooLarge { .. } => ("frame_too_large", 1009),
             ShuttingDown => ("shutting_down", 1001),
             Internal(_) => ("internal_error", 1011),
+        }
+    }
+
+    /// Seconds after which the same request may succeed, for refusals that pass.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            SessionError::TooManyConnections(_) | SessionError::TenantSessionLimit { .. } => {
+                Some(RETRY_AFTER_SECS)
+            }
+            _ => None,
         }
     }
 
@@ -306,6 +329,7 @@ impl SessionError {
         ServerMessage::Error {
             code: Cow::Borrowed(self.code()),
             message: self.to_string(),
+            retry_after_secs: self.retry_after_secs(),
         }
     }
 }
@@ -471,6 +495,10 @@ mod tests {
             },
             SessionError::AlreadyOpen,
             SessionError::Unauthorized,
+            SessionError::TenantSessionLimit {
+                tenant: String::new(),
+                limit: 0,
+            },
             SessionError::UnknownModel {
                 requested: String::new(),
                 served: String::new(),

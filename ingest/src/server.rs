@@ -24,6 +24,7 @@ use crate::appenders::AudioAppenders;
 use crate::config::IngestArgs;
 use crate::connection;
 use crate::protocol::Secret;
+use crate::quota::TenantQuota;
 use crate::session::SessionConfig;
 use crate::tenants::KeyError;
 
@@ -59,6 +60,7 @@ pub struct Node {
     pub(crate) appenders: AudioAppenders,
     pub(crate) orchestrator: LeaderClient,
     pub(crate) max_connections: usize,
+    pub(crate) tenant_quota: Arc<TenantQuota>,
     pub(crate) ping_interval: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -107,6 +109,7 @@ impl Node {
             log,
             orchestrator: LeaderClient::new(redis, &args.shared.namespace),
             max_connections: args.max_connections,
+            tenant_quota: TenantQuota::new(args.max_sessions_per_tenant),
             ping_interval: args.ping_interval(),
             idle_timeout: args.idle_timeout(),
             shutdown,

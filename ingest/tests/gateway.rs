@@ -36,6 +36,7 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const MODEL: &str = "whisper-tiny.en";
 const MAX_FRAME_BYTES: usize = 4096;
 const WAIT: Duration = Duration::from_secs(15);
+const MAX_SESSIONS_PER_TENANT: usize = 3;
 
 /// Answers every AllocateWorker with "queued, position 1" and remembers the requests.
 #[derive(Clone, Default)]
@@ -123,6 +124,8 @@ impl Harness {
             "1",
             "--api-keys",
             &format!("north={NORTH_KEY},south={SOUTH_KEY}"),
+            "--max-sessions-per-tenant",
+            &MAX_SESSIONS_PER_TENANT.to_string(),
         ])
         .ingest;
         testkit::announce_fake_leader(
@@ -576,5 +579,129 @@ async fn bad_input_is_refused_with_documented_codes_while_others_keep_working() 
     }
     assert!(metrics.contains(r#"code="bad_sequence""#));
 
+    h.stop().await;
+}
+
+/// A client that stops reading while its results keep coming: the node keeps at most
+/// its bounded queue for it (partials may be dropped, a final may not), ends the
+/// session with `client_too_slow`, and serves its other sessions all the while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_cut_off_while_others_are_served() {
+    let h = Harness::start().await;
+    let (mut slow, session) = h.open().await;
+    let (mut healthy, _) = h.open().await;
+    let recognizer = h
+        .log
+        .appender(
+            &h.layout.results_stream(session),
+            &format!("test-recognizer-slow-{session}"),
+            true,
+            16 * 1024,
+        )
+        .await
+        .unwrap();
+    let envelope = |event| Envelope {
+        session: Some(session),
+        at_ms: eventlog::now_ms(),
+        producer: "test-recognizer".into(),
+        event,
+    };
+    recognizer
+        .append_confirmed(&envelope(Event::EpochStarted {
+            epoch: 1,
+            worker: "w".into(),
+        }))
+        .await
+        .unwrap();
+    // Finals of 3 KB, 500 at a time, until the node gives up on the reader: the
+    // socket's buffers fill first, then the queue.
+    let text = "word ".repeat(600);
+    let too_slow = r#"ingest_errors_total{code="client_too_slow"} 1"#;
+    let mut appended = 0u32;
+    while !h.http_get("/metrics").await.contains(too_slow) {
+        assert!(
+            appended < 40_000,
+            "{appended} finals of 3 KB and the node still queues for a client that does not read"
+        );
+        let mut pending = Vec::new();
+        for _ in 0..500 {
+            let event = final_event(1, appended, &text);
+            pending.push(recognizer.append(&envelope(event)).await.unwrap());
+            appended += 1;
+        }
+        for p in pending {
+            p.confirmed().await.unwrap();
+        }
+    }
+    // The other session on the node is served meanwhile.
+    send_audio(&mut healthy, audio(0, 160)).await;
+    assert_eq!(
+        next_json(&mut healthy).await,
+        json!({"type": "ack", "seq": 0})
+    );
+    // The slow client reads at last: what was queued, then the error and the close.
+    let mut received = 0u32;
+    loop {
+        let message = next_json(&mut slow).await;
+        match message["type"].as_str() {
+            Some("final") => received += 1,
+            Some("error") => {
+                assert_eq!(message["code"], "client_too_slow", "{message}");
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(close_code(&mut slow).await, 4013);
+    println!("the slow client got {received} of {appended} finals before it was cut off");
+    assert!(received < appended, "it was cut off before the end");
+    recognizer.close().await;
+    h.stop().await;
+}
+
+/// A tenant at its limit of sessions on the node is refused with a retry hint; other
+/// tenants are not held back, and a closed session frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_at_its_session_limit_is_refused_with_a_retry_hint() {
+    let h = Harness::start().await;
+    let mut north = Vec::new();
+    for _ in 0..MAX_SESSIONS_PER_TENANT {
+        north.push(h.open().await.0);
+    }
+    let mut ws = h.connect().await;
+    send(&mut ws, open_message(MODEL, 16000, "pcm_s16le")).await;
+    let refusal = next_json(&mut ws).await;
+    assert_eq!(refusal["code"], "tenant_session_limit", "{refusal}");
+    assert_eq!(refusal["retry_after_secs"], 5, "{refusal}");
+    assert!(
+        !refusal.to_string().contains(NORTH_KEY),
+        "no key in the refusal: {refusal}"
+    );
+    assert_eq!(close_code(&mut ws).await, 4018);
+
+    // Another tenant opens.
+    let mut ws = h.connect_with(Some(SOUTH_KEY)).await;
+    let mut open = open_message(MODEL, 16000, "pcm_s16le");
+    open.as_object_mut().unwrap().remove("api_key");
+    send(&mut ws, open).await;
+    assert_eq!(next_json(&mut ws).await["type"], "opened");
+
+    // One north session goes away: its place comes back.
+    drop(north.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut ws = h.connect().await;
+        send(&mut ws, open_message(MODEL, 16000, "pcm_s16le")).await;
+        let answer = next_json(&mut ws).await;
+        if answer["type"] == "opened" {
+            break;
+        }
+        assert_eq!(answer["code"], "tenant_session_limit", "{answer}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the closed session's place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     h.stop().await;
 }
