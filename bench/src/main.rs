@@ -22,12 +22,17 @@
 //! `asr-bench decode --tail-paddings 50,100,300,1000`: Whisper's decode time and
 //! accuracy per tail padding, in-process (see `decode`).
 //!
+//! `asr-bench ingest --sessions 200 --seconds 60`: one ingest node's CPU, memory and
+//! acknowledgement latency under many live sessions, no recognition (see
+//! `ingest_load`).
+//!
 //! `asr-bench leader --kills 20`: how long the system is without an orchestrator
 //! leader when the leader is SIGKILLed (see `leader`).
 
 mod decode;
 mod failover;
 mod heartbeats;
+mod ingest_load;
 mod layout;
 mod leader;
 
@@ -89,6 +94,14 @@ enum Command {
         /// The leader lock's lease (ASR_ORCHESTRATOR_LEASE_MS).
         #[arg(long, default_value_t = 500)]
         lease_ms: u64,
+    },
+    /// One ingest node under many live sessions, with no recognition running.
+    Ingest {
+        #[arg(long, default_value_t = 200)]
+        sessions: usize,
+        /// Audio each session streams at real-time pace.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Whisper's decode time and word error rate per tail padding, in-process.
     Decode {
@@ -211,6 +224,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Failover(args) => failover::run(&asr_binary()?, args).await,
         Command::Leader { kills, lease_ms } => leader::run(&asr_binary()?, kills, lease_ms).await,
+        Command::Ingest { sessions, seconds } => {
+            ingest_load::run(&asr_binary()?, sessions, seconds).await
+        }
         Command::Decode {
             tail_paddings,
             threads,
