@@ -57,6 +57,8 @@ pub enum LogError {
     Decode {
         stream: String,
         offset: u64,
+        /// The session its header names, when the header itself is readable.
+        session: Option<SessionId>,
         #[source]
         source: DecodeError,
     },
@@ -500,6 +502,7 @@ impl Reader {
                     .map_err(|source| LogError::Decode {
                         stream: self.stream.clone(),
                         offset,
+                        session: codec::peek_session(data),
                         source,
                     }),
             );

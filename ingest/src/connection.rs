@@ -11,15 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket};
-use eventlog::log::{LogError, PendingAppend, ReadFrom};
+use eventlog::log::{LogError, PendingAppend};
 use eventlog::{Envelope, Event, SessionId};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, SplitStream};
 use futures::{FutureExt, StreamExt};
 use orchestrator::api::{AllocateWorkerRequest, allocate_worker_response::Outcome};
 use orchestrator::discovery::LeaderClient;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
-use tokio::task::JoinHandle;
+use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
 use crate::appenders::Lease;
@@ -27,6 +26,7 @@ use crate::metrics;
 use crate::outbox::Outbox;
 use crate::protocol::{Secret, SessionError};
 use crate::quota::Slot;
+use crate::results_hub::{ResultItem, Subscription};
 use crate::server::Node;
 use crate::session::{Action, Allocation, Appended, Session};
 
@@ -39,16 +39,12 @@ const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(10);
 /// While no worker has announced itself, AllocateWorker is sent again this often: it
 /// is idempotent, and should Redis have lost the session it queues it anew.
 const REALLOCATE_INTERVAL: Duration = Duration::from_secs(2);
-/// Results read from a little before SessionOpened, in case the broker's chunk
-/// timestamps and this node's clock disagree.
-const RESULTS_LOOKBACK_MS: u64 = 5_000;
 /// After sending a close frame, how long to read (and discard) the client's remaining
 /// frames while waiting for its close: closing a socket with unread input makes the
 /// kernel reset it, and the client could lose the error message.
 const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 
 type Confirm = BoxFuture<'static, (Appended, Instant, Result<(), LogError>)>;
-type ResultItem = Result<Envelope, LogError>;
 
 /// Serves one upgraded socket to its end. `permit` is `None` when the node is full.
 pub async fn serve(
@@ -99,8 +95,7 @@ struct Connection<'a> {
     session: Session,
     lease: Option<Lease>,
     confirms: FuturesOrdered<Confirm>,
-    results: Option<mpsc::Receiver<ResultItem>>,
-    results_task: Option<JoinHandle<()>>,
+    results: Option<Subscription>,
     opened: bool,
     /// What AllocateWorker is asked, once the session is open.
     allocation: Option<AllocateWorkerRequest>,
@@ -118,7 +113,6 @@ impl<'a> Connection<'a> {
             lease: None,
             confirms: FuturesOrdered::new(),
             results: None,
-            results_task: None,
             opened: false,
             allocation: None,
             tenant_slot: None,
@@ -158,7 +152,8 @@ impl<'a> Connection<'a> {
                 }
                 item = recv_result(&mut self.results) => match item {
                     Some(Ok(envelope)) => (self.session.on_result(&envelope.event), Some(envelope.at_ms)),
-                    Some(Err(e)) => (self.session.fail(read_failure(e)), None),
+                    // Skipping an unreadable result could hide a final: the session ends.
+                    Some(Err(unreadable)) => (self.session.fail(SessionError::Internal(unreadable)), None),
                     None => (
                         self.session.fail(SessionError::BrokerUnavailable("results stream closed".into())),
                         None,
@@ -269,7 +264,7 @@ impl<'a> Connection<'a> {
         self.opened = true;
         metrics::session_opened();
         tracing::info!(%session, %model, "session opened");
-        self.follow_results(session, opened.at_ms);
+        self.results = Some(node.results.subscribe(session));
 
         let mut actions = self.session.on_opened();
         self.allocation = Some(AllocateWorkerRequest {
@@ -308,31 +303,6 @@ impl<'a> Connection<'a> {
                 Vec::new()
             }
         }
-    }
-
-    /// Spawns the task that tails the session's results into `self.results`.
-    fn follow_results(&mut self, session: SessionId, opened_at_ms: u64) {
-        let (tx, rx) = mpsc::channel(256);
-        let log = self.node.log.clone();
-        let stream = self.node.layout.results_stream(session);
-        let from = ReadFrom::Timestamp(opened_at_ms.saturating_sub(RESULTS_LOOKBACK_MS));
-        self.results = Some(rx);
-        self.results_task = Some(tokio::spawn(async move {
-            let mut reader = match log.reader(&stream, from, Some(session)).await {
-                Ok(reader) => reader,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            };
-            while let Some(item) = reader.next().await {
-                let failed = item.is_err();
-                if tx.send(item.map(|r| r.envelope)).await.is_err() || failed {
-                    break;
-                }
-            }
-            reader.close().await;
-        }));
     }
 
     /// Hands an event to the broker and queues its confirmation.
@@ -390,9 +360,7 @@ impl<'a> Connection<'a> {
     /// its worker stops waiting for audio (until resume exists, nothing can continue
     /// it).
     async fn finish(&mut self, end: &End) {
-        if let Some(task) = self.results_task.take() {
-            task.abort();
-        }
+        self.results = None;
         if !self.opened {
             return;
         }
@@ -438,18 +406,10 @@ async fn confirmed(stream: &str, pending: PendingAppend) -> Result<(), LogError>
 }
 
 /// The next result, or never when the session has no results to follow yet.
-async fn recv_result(results: &mut Option<mpsc::Receiver<ResultItem>>) -> Option<ResultItem> {
+async fn recv_result(results: &mut Option<Subscription>) -> Option<ResultItem> {
     match results {
-        Some(rx) => rx.recv().await,
+        Some(subscription) => subscription.results.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-/// A result that cannot be read ends the session: skipping it could hide a final.
-fn read_failure(error: LogError) -> SessionError {
-    match error {
-        LogError::Decode { .. } => SessionError::Internal(error.to_string()),
-        other => SessionError::BrokerUnavailable(other.to_string()),
     }
 }
 

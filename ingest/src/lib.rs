@@ -10,6 +10,7 @@
 //! - [`connection`]: drives a session from its socket, the broker and its results;
 //! - [`outbox`]: the bounded sending queue and the slow-reader policy;
 //! - [`appenders`]: the node's shared audio producers, one per partition;
+//! - [`results_hub`]: the node's tails of the results partitions, fanned out to sessions;
 //! - [`server`]: the axum router, readiness, and serving until shutdown;
 //! - [`tenants`]: API keys and the tenants they name (pure);
 //! - [`quota`]: sessions per tenant on this node, capped;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod quota;
+pub mod results_hub;
 pub mod server;
 pub mod session;
 pub mod tenants;

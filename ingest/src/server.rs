@@ -25,8 +25,12 @@ use crate::config::IngestArgs;
 use crate::connection;
 use crate::protocol::Secret;
 use crate::quota::TenantQuota;
+use crate::results_hub::ResultsHub;
 use crate::session::SessionConfig;
 use crate::tenants::KeyError;
+
+/// The WebSocket read buffer's size (it grows for a larger frame).
+const SOCKET_BUFFER_BYTES: usize = 4 * 1024;
 
 /// How long a stopping node waits for its sessions to close.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -58,6 +62,7 @@ pub struct Node {
     pub(crate) layout: StreamLayout,
     pub(crate) log: StreamLog,
     pub(crate) appenders: AudioAppenders,
+    pub(crate) results: Arc<ResultsHub>,
     pub(crate) orchestrator: LeaderClient,
     pub(crate) max_connections: usize,
     pub(crate) tenant_quota: Arc<TenantQuota>,
@@ -105,6 +110,7 @@ impl Node {
                 &args.node_id,
                 args.max_frame_bytes,
             ),
+            results: ResultsHub::new(log.clone(), layout.clone()),
             layout,
             log,
             orchestrator: LeaderClient::new(redis, &args.shared.namespace),
@@ -145,6 +151,10 @@ async fn upgrade(
     let transport_limit = node.max_frame_bytes.saturating_mul(4).max(1 << 16);
     ws.max_message_size(transport_limit)
         .max_frame_size(transport_limit)
+        // tungstenite's defaults (128 KiB each) would be most of an idle session's
+        // memory; audio frames are a few KiB, and the buffers grow when a frame needs it.
+        .read_buffer_size(SOCKET_BUFFER_BYTES)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| connection::serve(node, socket, permit, bearer))
 }
 

@@ -705,3 +705,51 @@ async fn a_tenant_at_its_session_limit_is_refused_with_a_retry_hint() {
     }
     h.stop().await;
 }
+
+/// The node follows each results partition once for all its sessions: sessions sharing
+/// a partition each get their own results and nothing of the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_sharing_a_results_partition_get_only_their_own_results() {
+    let h = Harness::start().await;
+    // Three sessions on two partitions: two of them share one.
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(h.open().await);
+    }
+    let (a, b) = (0..3)
+        .flat_map(|i| (i + 1..3).map(move |j| (i, j)))
+        .find(|&(i, j)| {
+            h.layout.partition_of(sessions[i].1) == h.layout.partition_of(sessions[j].1)
+        })
+        .expect("two of three sessions share one of two partitions");
+    // Different segment indices, one epoch: a result handed to the wrong session would
+    // pass its filter and show in its transcript.
+    for (i, segment, word) in [(a, 0, "alpha"), (b, 1, "bravo")] {
+        let session = sessions[i].1;
+        send(&mut sessions[i].0, json!({"type": "end"})).await;
+        let recognizer = h.recognizer(session).await;
+        let started = Event::EpochStarted {
+            epoch: 1,
+            worker: "w".into(),
+        };
+        append(&recognizer, session, started).await;
+        append(&recognizer, session, final_event(1, segment, word)).await;
+        let completed = Event::TranscriptCompleted {
+            epoch: 1,
+            segments: segment + 1,
+        };
+        append(&recognizer, session, completed).await;
+        recognizer.close().await;
+    }
+    for (i, word) in [(a, "alpha"), (b, "bravo")] {
+        let ws = &mut sessions[i].0;
+        let completed = loop {
+            let message = next_json(ws).await;
+            if message["type"] == "completed" {
+                break message;
+            }
+        };
+        assert_eq!(completed["transcript"], word, "session {i}: {completed}");
+    }
+    h.stop().await;
+}
