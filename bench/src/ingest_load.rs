@@ -136,7 +136,8 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / 100.0)
 }
 
-fn resident_kb(pid: u32) -> anyhow::Result<u64> {
+/// Resident memory of a process, from /proc/{pid}/status.
+pub fn resident_kb(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()

@@ -26,12 +26,16 @@
 //! acknowledgement latency under many live sessions, no recognition (see
 //! `ingest_load`).
 //!
+//! `asr-bench idle --sessions 10000`: memory per open idle session on an ingest node,
+//! and how fast sessions open (see `idle`).
+//!
 //! `asr-bench leader --kills 20`: how long the system is without an orchestrator
 //! leader when the leader is SIGKILLed (see `leader`).
 
 mod decode;
 mod failover;
 mod heartbeats;
+mod idle;
 mod ingest_load;
 mod layout;
 mod leader;
@@ -94,6 +98,14 @@ enum Command {
         /// The leader lock's lease (ASR_ORCHESTRATOR_LEASE_MS).
         #[arg(long, default_value_t = 500)]
         lease_ms: u64,
+    },
+    /// Memory per open, idle session on one ingest node, and the opening rate.
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+        /// Sessions opened at once.
+        #[arg(long, default_value_t = 200)]
+        concurrency: usize,
     },
     /// One ingest node under many live sessions, with no recognition running.
     Ingest {
@@ -224,6 +236,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Failover(args) => failover::run(&asr_binary()?, args).await,
         Command::Leader { kills, lease_ms } => leader::run(&asr_binary()?, kills, lease_ms).await,
+        Command::Idle {
+            sessions,
+            concurrency,
+        } => idle::run(&asr_binary()?, sessions, concurrency).await,
         Command::Ingest { sessions, seconds } => {
             ingest_load::run(&asr_binary()?, sessions, seconds).await
         }
