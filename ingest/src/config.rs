@@ -42,6 +42,11 @@ pub struct IngestArgs {
         default_value_t = 1_000
     )]
     pub max_sessions_per_tenant: usize,
+    /// Most sessions of this node waiting for a worker at once; a session the
+    /// orchestrator queues beyond that is refused (`too_many_waiting`, with a retry
+    /// hint) rather than left waiting.
+    #[arg(long, env = "ASR_INGEST_MAX_WAITING_SESSIONS", default_value_t = 1_000)]
+    pub max_waiting_sessions: usize,
     /// Most WebSocket connections served at once.
     #[arg(long, env = "ASR_INGEST_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,

@@ -101,6 +101,8 @@ struct Connection<'a> {
     allocation: Option<AllocateWorkerRequest>,
     /// The session's place in its tenant's quota on this node.
     tenant_slot: Option<Slot>,
+    /// Held while the orchestrator has the session waiting for a worker.
+    waiting: Option<OwnedSemaphorePermit>,
 }
 
 impl<'a> Connection<'a> {
@@ -116,6 +118,7 @@ impl<'a> Connection<'a> {
             opened: false,
             allocation: None,
             tenant_slot: None,
+            waiting: None,
         }
     }
 
@@ -172,6 +175,9 @@ impl<'a> Connection<'a> {
             };
             if let Some(error) = self.perform(actions, received, result_at_ms).await {
                 return End::Closed(error);
+            }
+            if !self.session.awaiting_worker() {
+                self.waiting = None;
             }
         }
     }
@@ -277,10 +283,25 @@ impl<'a> Connection<'a> {
             min_epoch: 0,
         });
         match self.allocate().await {
-            Ok(allocation) => actions.extend(self.session.on_allocation(allocation)),
+            Ok(allocation) => actions.extend(self.on_allocation(allocation)),
             Err(e) => actions.extend(self.session.fail(SessionError::OrchestratorUnavailable(e))),
         }
         actions
+    }
+
+    /// The orchestrator's answer: a queued session takes one of the node's waiting
+    /// places, or is refused when there is none left.
+    fn on_allocation(&mut self, allocation: Allocation) -> Vec<Action> {
+        if matches!(allocation, Allocation::Queued { .. }) && self.waiting.is_none() {
+            match self.node.waiting.clone().try_acquire_owned() {
+                Ok(permit) => self.waiting = Some(permit),
+                Err(_) => {
+                    let limit = self.node.max_waiting;
+                    return self.session.fail(SessionError::TooManyWaiting { limit });
+                }
+            }
+        }
+        self.session.on_allocation(allocation)
     }
 
     /// Asks the orchestrator leader for a worker, through leader failovers.
@@ -297,7 +318,7 @@ impl<'a> Connection<'a> {
     /// the session's: the session stays queued and the next attempt follows.
     async fn reallocate(&mut self) -> Vec<Action> {
         match self.allocate().await {
-            Ok(allocation) => self.session.on_allocation(allocation),
+            Ok(allocation) => self.on_allocation(allocation),
             Err(e) => {
                 tracing::warn!(session = %self.session.id(), error = %e, "asking again for a worker failed");
                 Vec::new()

@@ -264,6 +264,10 @@ pub enum SessionError {
         "tenant {tenant:?} already has {limit} sessions open on this node; retry later or on another node"
     )]
     TenantSessionLimit { tenant: String, limit: usize },
+    #[error(
+        "{limit} sessions of this node are already waiting for a worker; retry later or on another node"
+    )]
+    TooManyWaiting { limit: usize },
     #[error("the event log is unavailable: {0}")]
     BrokerUnavailable(String),
     #[error("the orchestrator is unavailable: {0}")]
@@ -308,6 +312,7 @@ impl SessionError {
             OrchestratorUnavailable(_) => ("orchestrator_unavailable", 4016),
             Unauthorized => ("unauthorized", 4017),
             TenantSessionLimit { .. } => ("tenant_session_limit", 4018),
+            TooManyWaiting { .. } => ("too_many_waiting", 4019),
             FrameTooLarge { .. } => ("frame_too_large", 1009),
             ShuttingDown => ("shutting_down", 1001),
             Internal(_) => ("internal_error", 1011),
@@ -317,9 +322,9 @@ impl SessionError {
     /// Seconds after which the same request may succeed, for refusals that pass.
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
-            SessionError::TooManyConnections(_) | SessionError::TenantSessionLimit { .. } => {
-                Some(RETRY_AFTER_SECS)
-            }
+            SessionError::TooManyConnections(_)
+            | SessionError::TenantSessionLimit { .. }
+            | SessionError::TooManyWaiting { .. } => Some(RETRY_AFTER_SECS),
             _ => None,
         }
     }
@@ -499,6 +504,7 @@ mod tests {
                 tenant: String::new(),
                 limit: 0,
             },
+            SessionError::TooManyWaiting { limit: 0 },
             SessionError::UnknownModel {
                 requested: String::new(),
                 served: String::new(),

@@ -66,6 +66,9 @@ pub struct Node {
     pub(crate) orchestrator: LeaderClient,
     pub(crate) max_connections: usize,
     pub(crate) tenant_quota: Arc<TenantQuota>,
+    /// Places for sessions waiting for a worker (`--max-waiting-sessions`).
+    pub(crate) waiting: Arc<Semaphore>,
+    pub(crate) max_waiting: usize,
     pub(crate) ping_interval: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -116,6 +119,8 @@ impl Node {
             orchestrator: LeaderClient::new(redis, &args.shared.namespace),
             max_connections: args.max_connections,
             tenant_quota: TenantQuota::new(args.max_sessions_per_tenant),
+            waiting: Arc::new(Semaphore::new(args.max_waiting_sessions)),
+            max_waiting: args.max_waiting_sessions,
             ping_interval: args.ping_interval(),
             idle_timeout: args.idle_timeout(),
             shutdown,

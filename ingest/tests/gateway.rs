@@ -37,6 +37,8 @@ const MODEL: &str = "whisper-tiny.en";
 const MAX_FRAME_BYTES: usize = 4096;
 const WAIT: Duration = Duration::from_secs(15);
 const MAX_SESSIONS_PER_TENANT: usize = 3;
+/// The fake orchestrator queues every session: this many may wait on the node.
+const MAX_WAITING_SESSIONS: usize = 4;
 
 /// Answers every AllocateWorker with "queued, position 1" and remembers the requests.
 #[derive(Clone, Default)]
@@ -126,6 +128,8 @@ impl Harness {
             &format!("north={NORTH_KEY},south={SOUTH_KEY}"),
             "--max-sessions-per-tenant",
             &MAX_SESSIONS_PER_TENANT.to_string(),
+            "--max-waiting-sessions",
+            &MAX_WAITING_SESSIONS.to_string(),
         ])
         .ingest;
         testkit::announce_fake_leader(
@@ -750,6 +754,57 @@ async fn sessions_sharing_a_results_partition_get_only_their_own_results() {
             }
         };
         assert_eq!(completed["transcript"], word, "session {i}: {completed}");
+    }
+    h.stop().await;
+}
+
+/// Past `--max-waiting-sessions` sessions waiting for a worker, the node refuses the
+/// next one the orchestrator queues, with a retry hint, rather than letting the line
+/// grow; a place comes back when a waiting session goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_beyond_the_waiting_limit_are_refused_with_a_retry_hint() {
+    let h = Harness::start().await;
+    let open_as = |key: &'static str| {
+        let mut open = open_message(MODEL, 16000, "pcm_s16le");
+        open["api_key"] = key.into();
+        open
+    };
+    let mut waiting = Vec::new();
+    for key in [NORTH_KEY, NORTH_KEY, SOUTH_KEY, SOUTH_KEY] {
+        let mut ws = h.connect().await;
+        send(&mut ws, open_as(key)).await;
+        assert_eq!(next_json(&mut ws).await["type"], "opened");
+        assert_eq!(next_json(&mut ws).await["type"], "queued");
+        waiting.push(ws);
+    }
+    let mut ws = h.connect().await;
+    send(&mut ws, open_as(NORTH_KEY)).await;
+    let refusal = loop {
+        let message = next_json(&mut ws).await;
+        if message["type"] == "error" {
+            break message;
+        }
+    };
+    assert_eq!(refusal["code"], "too_many_waiting", "{refusal}");
+    assert_eq!(refusal["retry_after_secs"], 5, "{refusal}");
+    assert_eq!(close_code(&mut ws).await, 4019);
+
+    drop(waiting.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut ws = h.connect().await;
+        send(&mut ws, open_as(NORTH_KEY)).await;
+        assert_eq!(next_json(&mut ws).await["type"], "opened");
+        let answer = next_json(&mut ws).await;
+        if answer["type"] == "queued" {
+            break;
+        }
+        assert_eq!(answer["code"], "too_many_waiting", "{answer}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place of the session that went never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     h.stop().await;
 }
