@@ -295,3 +295,75 @@ async fn every_accepted_rate_and_encoding_is_stored_as_sent_and_transcribed() {
     }
     system.stop().await;
 }
+
+/// Two ingest nodes share nothing but the log and Redis: sessions opened on either are
+/// served by the same recognizers, and SIGKILLing one node ends only its own session
+/// while the other node's session completes with its full transcript.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_ingest_nodes_serve_side_by_side_and_one_dying_leaves_the_other_whole() {
+    let _serial = testkit::serial::heavy();
+    let (a, b) = (
+        "please send an ambulance to the main street",
+        "there is a fire in the kitchen and the smoke is getting thicker",
+    );
+    let mut system = System::start(
+        asr(),
+        SystemConfig {
+            ingests: 2,
+            recognizers: 2,
+            ..SystemConfig::default()
+        },
+    )
+    .await;
+    let on_node = |i: usize, speed: f64| StreamOptions {
+        url: system.ws_url_of(i),
+        speed,
+        completion_timeout: Duration::from_secs(90),
+        ..system.stream_options()
+    };
+    // One session on each node, at once.
+    let (ra, rb) = (
+        testkit::speech::sentences(&[a], 1000),
+        testkit::speech::sentences(&[b], 1000),
+    );
+    let (first, second) = (on_node(0, 2.0), on_node(1, 2.0));
+    let (oa, ob) = tokio::join!(
+        client::stream(&first, &ra, |_| {}),
+        client::stream(&second, &rb, |_| {})
+    );
+    for (said, outcome) in [(a, oa), (b, ob)] {
+        let outcome = outcome.unwrap_or_else(|e| panic!("{e}\n{}", system.all_logs()));
+        let wer = word_error_rate(said, &outcome.transcript);
+        println!("WER {wer:.2}: {:?}", outcome.transcript);
+        assert!(wer <= MAX_WER, "{said:?} heard as {:?}", outcome.transcript);
+    }
+
+    // Node 1 dies while both nodes stream at real-time pace, once a second of its
+    // session's audio is acknowledged.
+    let (slow_a, slow_b) = (on_node(0, 1.0), on_node(1, 1.0));
+    let (acked, mut acked_rx) = tokio::sync::watch::channel(0u64);
+    let doomed = client::stream(&slow_a, &ra, move |message| {
+        if let ingest::protocol::ServerMessage::Ack { seq } = message {
+            let _ = acked.send(*seq);
+        }
+    });
+    let survivor = client::stream(&slow_b, &rb, |_| {});
+    let kill = async {
+        acked_rx
+            .wait_for(|seq| *seq >= 10)
+            .await
+            .expect("the doomed session's acks");
+        system.kill("ingest").await;
+    };
+    let (doomed, survivor, ()) = tokio::join!(doomed, survivor, kill);
+    assert!(doomed.is_err(), "the killed node's session cannot complete");
+    let survivor = survivor.unwrap_or_else(|e| panic!("{e}\n{}", system.all_logs()));
+    let wer = word_error_rate(b, &survivor.transcript);
+    println!(
+        "after node 1 died, node 2's session: WER {wer:.2}: {:?}",
+        survivor.transcript
+    );
+    assert!(wer <= MAX_WER, "{b:?} heard as {:?}", survivor.transcript);
+    assert!(survivor.acked_at.iter().all(Option::is_some));
+    system.stop().await;
+}

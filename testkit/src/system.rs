@@ -27,6 +27,8 @@ use crate::free_port;
 pub struct SystemConfig {
     /// Orchestrator replicas, `orchestrator-1` … (one leads; the others stand by).
     pub orchestrators: usize,
+    /// Ingest nodes: `ingest`, `ingest-2`, … (they share nothing but the log and Redis).
+    pub ingests: usize,
     pub recognizers: usize,
     /// The Redis database every process uses (tests that wipe Redis take their own).
     pub redis_db: u8,
@@ -40,6 +42,7 @@ impl Default for SystemConfig {
     fn default() -> Self {
         Self {
             orchestrators: 1,
+            ingests: 1,
             recognizers: 1,
             redis_db: 0,
             partitions: 4,
@@ -67,13 +70,22 @@ pub struct Assignment {
     pub state: String,
 }
 
+/// The role name of ingest node `i` (from 0).
+pub fn ingest_role(i: usize) -> String {
+    match i {
+        0 => "ingest".into(),
+        i => format!("ingest-{}", i + 1),
+    }
+}
+
 /// The tenant a test system's sessions belong to.
 pub const TEST_TENANT: &str = "test";
 
 pub struct System {
     pub namespace: String,
     pub layout: StreamLayout,
-    pub ingest_port: u16,
+    /// The ingest nodes' WebSocket ports, in the order of their roles.
+    pub ingest_ports: Vec<u16>,
     /// The key of [`TEST_TENANT`], which ingest is given.
     pub api_key: String,
     /// `redis://…/{db}`, as every process of the system is given it.
@@ -108,7 +120,7 @@ impl System {
         let mut system = System {
             layout: StreamLayout::new(namespace.clone(), config.partitions),
             namespace,
-            ingest_port: free_port(),
+            ingest_ports: (0..config.ingests.max(1)).map(|_| free_port()).collect(),
             api_key,
             redis_url,
             processes: Vec::new(),
@@ -131,22 +143,37 @@ impl System {
             system.wait_for_port(grpc, &replica).await;
         }
         system.leader_after(None).await;
-        let ingest = [
-            "ingest".into(),
-            format!("--listen=127.0.0.1:{}", system.ingest_port),
-        ];
-        system.spawn("ingest", &ingest);
+        let ingests: Vec<(String, u16)> = system
+            .ingest_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| (ingest_role(i), *port))
+            .collect();
+        for (role, port) in &ingests {
+            system.spawn(
+                role,
+                &["ingest".into(), format!("--listen=127.0.0.1:{port}")],
+            );
+        }
         for i in 0..config.recognizers {
             system
                 .start_recognizer(&format!("recognizer-{}", i + 1))
                 .await;
         }
-        system.wait_for_port(system.ingest_port, "ingest").await;
+        for (role, port) in &ingests {
+            system.wait_for_port(*port, role).await;
+        }
         system
     }
 
+    /// The first ingest node's WebSocket URL.
     pub fn ws_url(&self) -> String {
-        format!("ws://127.0.0.1:{}/v1/stream", self.ingest_port)
+        self.ws_url_of(0)
+    }
+
+    /// Ingest node `i`'s WebSocket URL (its role is `ingest`, then `ingest-2`, …).
+    pub fn ws_url_of(&self, i: usize) -> String {
+        format!("ws://127.0.0.1:{}/v1/stream", self.ingest_ports[i])
     }
 
     /// How a client streams to this system: its ingest URL and its tenant's key.
