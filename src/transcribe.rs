@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use client::{Recording, StreamOptions};
+use client::{ClientError, Recording, StreamOptions};
 use ingest::protocol::{Secret, ServerMessage};
 
 use crate::local_key::StateDir;
@@ -16,9 +16,19 @@ use crate::local_key::StateDir;
 pub struct TranscribeArgs {
     /// A mono WAV file, 16-bit integer or 32-bit float PCM.
     file: PathBuf,
-    /// The ingest endpoint.
-    #[arg(long, env = "ASR_URL", default_value = "ws://127.0.0.1:8080/v1/stream")]
-    url: String,
+    /// Ingest endpoints, comma-separated: the session goes to the first that accepts the
+    /// connection, in order.
+    #[arg(
+        long = "url",
+        env = "ASR_URL",
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:8080/v1/stream"
+    )]
+    urls: Vec<String>,
+    /// How long to keep trying the endpoints (with backoff) while none accepts a
+    /// connection.
+    #[arg(long, env = "ASR_CONNECT_PATIENCE_SECS", default_value_t = 60)]
+    connect_patience_secs: u64,
     /// The model to transcribe with.
     #[arg(long, env = "ASR_MODEL", default_value = "whisper-tiny.en")]
     model: String,
@@ -56,7 +66,6 @@ pub async fn run(args: TranscribeArgs) -> anyhow::Result<()> {
     }
     let options = StreamOptions {
         api_key: api_key.map(Secret),
-        url: args.url.clone(),
         model: args.model.clone(),
         chunk_ms: args.chunk_ms.max(10),
         speed: args.speed,
@@ -65,7 +74,7 @@ pub async fn run(args: TranscribeArgs) -> anyhow::Result<()> {
     };
     let quiet = args.quiet;
     let mut stderr = std::io::stderr();
-    let outcome = client::stream(&options, &recording, |message| {
+    let show = |message: &ServerMessage| {
         if quiet {
             return;
         }
@@ -84,9 +93,11 @@ pub async fn run(args: TranscribeArgs) -> anyhow::Result<()> {
             ),
             _ => Ok(()),
         };
-    })
-    .await
-    .with_context(|| format!("transcribing {}", args.file.display()))?;
+    };
+    let patience = Duration::from_secs(args.connect_patience_secs);
+    let outcome = stream_to_any(&args.urls, &options, &recording, patience, quiet, show)
+        .await
+        .with_context(|| format!("transcribing {}", args.file.display()))?;
     if !outcome.missing_segments.is_empty() {
         anyhow::bail!(
             "the transcript of session {} is missing segments {:?}",
@@ -96,4 +107,46 @@ pub async fn run(args: TranscribeArgs) -> anyhow::Result<()> {
     }
     println!("{}", outcome.transcript);
     Ok(())
+}
+
+/// Streams to the first of `urls` that accepts the connection, trying them in turn,
+/// with backoff, for up to `patience` while none does. Once a node took the session,
+/// its errors are the session's (no second node is tried: that takes resume).
+async fn stream_to_any(
+    urls: &[String],
+    options: &StreamOptions,
+    recording: &Recording,
+    patience: Duration,
+    quiet: bool,
+    mut on_message: impl FnMut(&ServerMessage),
+) -> Result<client::Outcome, ClientError> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut refused = None;
+        for url in urls {
+            let options = StreamOptions {
+                url: url.clone(),
+                ..options.clone()
+            };
+            match client::stream(&options, recording, &mut on_message).await {
+                Err(e @ ClientError::Connect { .. }) => refused = Some(e),
+                done => return done,
+            }
+        }
+        let Some(refused) = refused else {
+            return Err(ClientError::Connect {
+                url: String::new(),
+                message: "no ingest URL given (--url)".into(),
+            });
+        };
+        if tokio::time::Instant::now() + backoff > deadline {
+            return Err(refused);
+        }
+        if !quiet {
+            eprintln!("{refused}; trying again in {backoff:?}");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
 }

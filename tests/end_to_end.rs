@@ -192,6 +192,41 @@ async fn the_cli_prints_the_transcript_and_fails_clearly() {
     assert!(stderr.contains("unknown_model"), "stderr: {stderr}");
     assert!(refused.stdout.is_empty());
 
+    // Several endpoints: the first does not answer, the second takes the session.
+    let dead = format!("ws://127.0.0.1:{}/v1/stream", testkit::free_port());
+    let output = tokio::process::Command::new(asr())
+        .arg("transcribe")
+        .arg(&wav)
+        .args(["--speed", "0", "--api-key", &system.api_key])
+        .arg(format!("--url={dead},{}", system.ws_url()))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(word_error_rate(sentence, String::from_utf8_lossy(&output.stdout).trim()) <= MAX_WER);
+    // Only dead endpoints: it keeps trying for its patience, then says which.
+    let started = std::time::Instant::now();
+    let output = tokio::process::Command::new(asr())
+        .arg("transcribe")
+        .arg(&wav)
+        .args(["--api-key", &system.api_key, "--connect-patience-secs", "1"])
+        .arg(format!("--url={dead}"))
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains(&dead), "stderr: {stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
     // A wrong key: refused with the documented code, and the key is not echoed.
     let wrong = "not-the-right-key-0123456789";
     let unauthorized = tokio::process::Command::new(asr())
