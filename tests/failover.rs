@@ -52,16 +52,42 @@ static REFERENCE: OnceCell<Reference> = OnceCell::const_new();
 /// decoding is deterministic).
 async fn reference(system: &System) -> &'static Reference {
     REFERENCE
-        .get_or_init(|| async {
-            let (client, _watch) = stream(system);
-            let reference = Reference::of(&expect_completed(system, client.await));
-            println!("reference transcript: {:?}", reference.transcript);
-            reference
-        })
+        .get_or_init(|| reference_of(system, recording(), "16 kHz pcm_s16le"))
         .await
 }
 
 /// Starts streaming the conversation at [`SPEED`].
+/// `recording`'s transcript with no failure, decoded by `system`.
+async fn reference_of(system: &System, recording: Recording, what: &str) -> Reference {
+    let (client, _watch) = failover::stream(system, recording, SPEED);
+    let reference = Reference::of(&expect_completed(system, client.await));
+    println!("reference transcript ({what}): {:?}", reference.transcript);
+    reference
+}
+
+/// A system with one idle recognizer, `recognizer-2`, on which the reference is decoded
+/// before [`arm`] adds the recognizer under test.
+async fn system_with_spare() -> System {
+    let mut system = System::start(
+        asr(),
+        SystemConfig {
+            recognizers: 0,
+            ..SystemConfig::default()
+        },
+    )
+    .await;
+    system.start_recognizer("recognizer-2").await;
+    system
+}
+
+/// Starts `recognizer-1` armed with `failpoints`: both idle, the allocator takes the
+/// smallest worker id, so it serves the next session.
+async fn arm(system: &mut System, failpoints: &str) {
+    system
+        .start_recognizer_with("recognizer-1", &[("FAILPOINTS", failpoints)])
+        .await;
+}
+
 fn stream(
     system: &System,
 ) -> (
@@ -138,15 +164,7 @@ async fn killed_at_failpoint_in(
     actions: &str,
     format: Option<eventlog::AudioFormat>,
 ) -> usize {
-    let mut system = System::start(
-        asr(),
-        SystemConfig {
-            recognizers: 0,
-            ..SystemConfig::default()
-        },
-    )
-    .await;
-    system.start_recognizer("recognizer-2").await;
+    let mut system = system_with_spare().await;
     let (recording, in_format);
     let reference = match format {
         None => {
@@ -155,22 +173,12 @@ async fn killed_at_failpoint_in(
         }
         Some(format) => {
             recording = testkit::speech::sentences_as(&SENTENCES, GAP_MS, format);
-            let (client, _watch) = failover::stream(&system, recording.clone(), SPEED);
-            in_format = Reference::of(&expect_completed(&system, client.await));
-            println!(
-                "reference transcript at {} Hz {}: {:?}",
-                format.sample_rate,
-                format.encoding.name(),
-                in_format.transcript
-            );
+            let what = format!("{} Hz {}", format.sample_rate, format.encoding.name());
+            in_format = reference_of(&system, recording.clone(), &what).await;
             &in_format
         }
     };
-    // Both idle: the allocator takes the smallest worker id, the armed one.
-    let failpoints = format!("{point}={actions}");
-    system
-        .start_recognizer_with("recognizer-1", &[("FAILPOINTS", failpoints.as_str())])
-        .await;
+    arm(&mut system, &format!("{point}={actions}")).await;
 
     let (client, mut watch) = failover::stream(&system, recording, SPEED);
     let control = async {
@@ -415,26 +423,12 @@ async fn a_paused_worker_woken_after_its_session_moved_adds_nothing() {
     use nix::unistd::Pid;
 
     let _serial = testkit::serial::heavy();
-    let mut system = System::start(
-        asr(),
-        SystemConfig {
-            recognizers: 0,
-            ..SystemConfig::default()
-        },
-    )
-    .await;
-    system.start_recognizer("recognizer-2").await;
+    let mut system = system_with_spare().await;
     let reference = reference(&system).await;
     // The zombie-to-be hears of its revoke only 10 s late: woken, it decodes and
     // appends under its old epoch until its checkpoint is refused, so the fence in the
-    // log is what keeps it out of the transcript. Both idle at first: the allocator
-    // takes the smallest worker id, recognizer-1.
-    system
-        .start_recognizer_with(
-            "recognizer-1",
-            &[("FAILPOINTS", "recognizer::revoke=return(10000)")],
-        )
-        .await;
+    // log is what keeps it out of the transcript.
+    arm(&mut system, "recognizer::revoke=return(10000)").await;
     // Halfway through the second sentence, at real-time pace: the worker keeps up, so
     // the audio acknowledged to the client is about where its decoding is.
     let sentence = &reference.finals[1];

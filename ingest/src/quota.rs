@@ -45,7 +45,8 @@ impl TenantQuota {
     }
 
     /// Sessions `tenant` has open here.
-    pub fn open(&self, tenant: &str) -> usize {
+    #[cfg(test)]
+    fn open(&self, tenant: &str) -> usize {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         open.get(tenant).copied().unwrap_or(0)
     }

@@ -101,15 +101,6 @@ impl ResultsHub {
         }
     }
 
-    /// Partitions with a running tail.
-    pub fn tails(&self) -> usize {
-        let tails = self.tails.lock().unwrap_or_else(|p| p.into_inner());
-        tails
-            .values()
-            .filter(|t| !lock(&t.subscribers).closed)
-            .count()
-    }
-
     fn start(&self, partition: u16) -> Tail {
         let subscribers = Subscribers::default();
         let task = tokio::spawn(follow(

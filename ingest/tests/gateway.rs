@@ -243,6 +243,18 @@ fn open_message(model: &str, rate: u32, encoding: &str) -> Value {
     json!({"type": "open", "model": model, "sample_rate": rate, "encoding": encoding, "api_key": NORTH_KEY})
 }
 
+/// A valid `open` presenting `key`, or no key at all.
+fn open_as(key: Option<&str>) -> Value {
+    let mut open = open_message(MODEL, 16000, "pcm_s16le");
+    match key {
+        Some(key) => open["api_key"] = key.into(),
+        None => {
+            open.as_object_mut().unwrap().remove("api_key");
+        }
+    }
+    open
+}
+
 fn audio(seq: u64, samples: usize) -> Vec<u8> {
     let mut frame = seq.to_le_bytes().to_vec();
     frame
@@ -522,21 +534,12 @@ async fn bad_input_is_refused_with_documented_codes_while_others_keep_working() 
         (Some("south-key-0123456780"), None),
     ] {
         let mut ws = h.connect_with(bearer).await;
-        let mut open = open_message(MODEL, 16000, "pcm_s16le");
-        match key {
-            Some(key) => open["api_key"] = key.into(),
-            None => {
-                open.as_object_mut().unwrap().remove("api_key");
-            }
-        }
-        send(&mut ws, open).await;
+        send(&mut ws, open_as(key)).await;
         expect_refusal(&mut ws, "unauthorized", 4017).await;
     }
     // The bearer header alone opens a session, as its tenant.
     let mut ws = h.connect_with(Some(SOUTH_KEY)).await;
-    let mut open = open_message(MODEL, 16000, "pcm_s16le");
-    open.as_object_mut().unwrap().remove("api_key");
-    send(&mut ws, open).await;
+    send(&mut ws, open_as(None)).await;
     assert_eq!(next_json(&mut ws).await["type"], "opened");
     let requests = h.orchestrator.requests.lock().unwrap().clone();
     assert_eq!(requests.last().map(|r| r.tenant.as_str()), Some("south"));
@@ -685,9 +688,7 @@ async fn a_tenant_at_its_session_limit_is_refused_with_a_retry_hint() {
 
     // Another tenant opens.
     let mut ws = h.connect_with(Some(SOUTH_KEY)).await;
-    let mut open = open_message(MODEL, 16000, "pcm_s16le");
-    open.as_object_mut().unwrap().remove("api_key");
-    send(&mut ws, open).await;
+    send(&mut ws, open_as(None)).await;
     assert_eq!(next_json(&mut ws).await["type"], "opened");
 
     // One north session goes away: its place comes back.
@@ -764,21 +765,16 @@ async fn sessions_sharing_a_results_partition_get_only_their_own_results() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_beyond_the_waiting_limit_are_refused_with_a_retry_hint() {
     let h = Harness::start().await;
-    let open_as = |key: &'static str| {
-        let mut open = open_message(MODEL, 16000, "pcm_s16le");
-        open["api_key"] = key.into();
-        open
-    };
     let mut waiting = Vec::new();
     for key in [NORTH_KEY, NORTH_KEY, SOUTH_KEY, SOUTH_KEY] {
         let mut ws = h.connect().await;
-        send(&mut ws, open_as(key)).await;
+        send(&mut ws, open_as(Some(key))).await;
         assert_eq!(next_json(&mut ws).await["type"], "opened");
         assert_eq!(next_json(&mut ws).await["type"], "queued");
         waiting.push(ws);
     }
     let mut ws = h.connect().await;
-    send(&mut ws, open_as(NORTH_KEY)).await;
+    send(&mut ws, open_as(Some(NORTH_KEY))).await;
     let refusal = loop {
         let message = next_json(&mut ws).await;
         if message["type"] == "error" {
@@ -793,7 +789,7 @@ async fn sessions_beyond_the_waiting_limit_are_refused_with_a_retry_hint() {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let mut ws = h.connect().await;
-        send(&mut ws, open_as(NORTH_KEY)).await;
+        send(&mut ws, open_as(Some(NORTH_KEY))).await;
         assert_eq!(next_json(&mut ws).await["type"], "opened");
         let answer = next_json(&mut ws).await;
         if answer["type"] == "queued" {

@@ -219,11 +219,7 @@ fn every_rate_converts_to_what_a_reference_resampler_gives() {
             .status()
             .unwrap();
         assert!(status.success());
-        let reference: Vec<i16> = hound::WavReader::open(&resampled)
-            .unwrap()
-            .samples::<i16>()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let reference = testkit::speech::read_wav(&resampled);
         let by_sox = model
             .transcribe(&testkit::speech::to_f32(&reference))
             .unwrap();

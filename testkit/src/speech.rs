@@ -29,7 +29,7 @@ pub fn speak(sentence: &str) -> Vec<i16> {
         .arg(&raw)
         .args(["-r", "16000", "-c", "1", "-b", "16", "-e", "signed-integer"])
         .arg(&converted));
-    let samples = read_samples(&converted);
+    let samples = read_wav(&converted);
     let _ = std::fs::remove_dir_all(&dir);
     samples
 }
@@ -97,7 +97,8 @@ pub fn write_wav(recording: &Recording, path: &Path) {
     writer.finalize().expect("finish wav");
 }
 
-fn read_samples(path: &Path) -> Vec<i16> {
+/// The samples of a 16-bit WAV file.
+pub fn read_wav(path: &Path) -> Vec<i16> {
     hound::WavReader::open(path)
         .expect("sox output")
         .samples::<i16>()
