@@ -2,6 +2,9 @@
 //! keys file in the state folder that its ingest serves from; `asr transcribe` finds it
 //! there when it is given no key. Other tenants can be added to the same file
 //! (`tenant key` per line); ingest reads it when it starts.
+//!
+//! Beside it, the secret ingest signs resume tokens with: kept in the state folder, it
+//! outlives a restart of the whole system, so clients resume across one.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -45,10 +48,7 @@ impl StateDir {
         }
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating the state folder {}", self.dir.display()))?;
-        let secret: String = rand::random::<[u8; 24]>()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let secret = random_hex::<24>();
         let key = ApiKey::new(LOCAL_TENANT, secret).expect("a 48-digit hex key is valid");
         let mut file = open_private(&path)
             .with_context(|| format!("creating the API keys file {}", path.display()))?;
@@ -60,6 +60,44 @@ impl StateDir {
         )?;
         tracing::info!(file = %path.display(), tenant = LOCAL_TENANT, "created a local API key");
         Ok(path)
+    }
+
+    pub fn resume_secret_file(&self) -> PathBuf {
+        self.dir.join("resume-secret")
+    }
+
+    /// The resume-token secret, created (readable by this user only) if there is none.
+    pub fn ensure_resume_secret(&self) -> anyhow::Result<String> {
+        let path = self.resume_secret_file();
+        match std::fs::read_to_string(&path) {
+            Ok(secret) if !secret.trim().is_empty() => return Ok(secret.trim().to_string()),
+            Ok(_) => anyhow::bail!("{} is empty: delete it and start again", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating the state folder {}", self.dir.display()))?;
+        let secret = random_hex::<32>();
+        let mut file = open_private(&path)
+            .with_context(|| format!("creating the resume secret {}", path.display()))?;
+        writeln!(file, "{secret}")?;
+        Ok(secret)
+    }
+
+    /// The key to present: `given` (a flag or the environment), else the local key,
+    /// else none (said on stderr, with where a key would come from).
+    pub fn key_or_local(&self, given: Option<String>) -> anyhow::Result<Option<String>> {
+        if given.is_some() {
+            return Ok(given);
+        }
+        let local = self.local_key()?;
+        if local.is_none() {
+            eprintln!(
+                "no API key: none given (--api-key, ASR_API_KEY) and none in {} (`asr up` writes one there); trying without",
+                self.keys_file().display()
+            );
+        }
+        Ok(local)
     }
 
     /// The local tenant's key, if `asr up` created one here.
@@ -76,6 +114,14 @@ impl StateDir {
             .find(|k| k.tenant == LOCAL_TENANT)
             .map(|k| k.secret().to_string()))
     }
+}
+
+/// `N` random bytes in hex.
+fn random_hex<const N: usize>() -> String {
+    rand::random::<[u8; N]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
@@ -115,6 +161,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(keys.authenticate(Some(&key)), Ok(LOCAL_TENANT.into()));
+
+        // The resume secret too: created once, privately, then the same.
+        let secret = state.ensure_resume_secret().unwrap();
+        assert_eq!(secret.len(), 64);
+        assert_eq!(state.ensure_resume_secret().unwrap(), secret);
+        let mode = std::fs::metadata(state.resume_secret_file())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
         std::fs::remove_dir_all(&state.dir).unwrap();
     }
 }

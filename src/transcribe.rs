@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use client::{ClientError, Recording, StreamOptions};
+use client::{Recording, StreamOptions};
 use ingest::protocol::{Secret, ServerMessage};
 
 use crate::local_key::StateDir;
@@ -17,7 +17,8 @@ pub struct TranscribeArgs {
     /// A mono WAV file, 16-bit integer or 32-bit float PCM.
     file: PathBuf,
     /// Ingest endpoints, comma-separated: the session goes to the first that accepts the
-    /// connection, in order.
+    /// connection, in order, and after a dropped connection resumes on the first that
+    /// accepts one.
     #[arg(
         long = "url",
         env = "ASR_URL",
@@ -26,7 +27,7 @@ pub struct TranscribeArgs {
     )]
     urls: Vec<String>,
     /// How long to keep trying the endpoints (with backoff) while none accepts a
-    /// connection.
+    /// connection: at the start, and after each drop before the session resumes.
     #[arg(long, env = "ASR_CONNECT_PATIENCE_SECS", default_value_t = 60)]
     connect_patience_secs: u64,
     /// The model to transcribe with.
@@ -54,17 +55,10 @@ pub struct TranscribeArgs {
 pub async fn run(args: TranscribeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.speed >= 0.0, "--speed must be 0 (unpaced) or positive");
     let recording = Recording::read(&args.file)?;
-    let api_key = match args.api_key.clone() {
-        Some(key) => Some(key),
-        None => args.state.local_key()?,
-    };
-    if api_key.is_none() {
-        eprintln!(
-            "no API key: none given (--api-key, ASR_API_KEY) and none in {} (`asr up` writes one there); trying without",
-            args.state.keys_file().display()
-        );
-    }
+    let api_key = args.state.key_or_local(args.api_key.clone())?;
     let options = StreamOptions {
+        urls: args.urls.clone(),
+        reconnect_patience: Duration::from_secs(args.connect_patience_secs),
         api_key: api_key.map(Secret),
         model: args.model.clone(),
         chunk_ms: args.chunk_ms.max(10),
@@ -83,6 +77,10 @@ pub async fn run(args: TranscribeArgs) -> anyhow::Result<()> {
             ServerMessage::Queued { position } => {
                 writeln!(stderr, "waiting for a worker (position {position})")
             }
+            ServerMessage::Resumed { next_seq, .. } => writeln!(
+                stderr,
+                "\r\x1b[2Kconnection lost: session resumed, sending again from frame {next_seq}"
+            ),
             ServerMessage::Partial(s) => write!(stderr, "\r\x1b[2K… {}", s.text),
             ServerMessage::Final(s) => writeln!(
                 stderr,
@@ -94,8 +92,7 @@ pub async fn run(args: TranscribeArgs) -> anyhow::Result<()> {
             _ => Ok(()),
         };
     };
-    let patience = Duration::from_secs(args.connect_patience_secs);
-    let outcome = stream_to_any(&args.urls, &options, &recording, patience, quiet, show)
+    let outcome = client::stream(&options, &recording, show)
         .await
         .with_context(|| format!("transcribing {}", args.file.display()))?;
     if !outcome.missing_segments.is_empty() {
@@ -107,46 +104,4 @@ pub async fn run(args: TranscribeArgs) -> anyhow::Result<()> {
     }
     println!("{}", outcome.transcript);
     Ok(())
-}
-
-/// Streams to the first of `urls` that accepts the connection, trying them in turn,
-/// with backoff, for up to `patience` while none does. Once a node took the session,
-/// its errors are the session's (no second node is tried: that takes resume).
-async fn stream_to_any(
-    urls: &[String],
-    options: &StreamOptions,
-    recording: &Recording,
-    patience: Duration,
-    quiet: bool,
-    mut on_message: impl FnMut(&ServerMessage),
-) -> Result<client::Outcome, ClientError> {
-    let deadline = tokio::time::Instant::now() + patience;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let mut refused = None;
-        for url in urls {
-            let options = StreamOptions {
-                url: url.clone(),
-                ..options.clone()
-            };
-            match client::stream(&options, recording, &mut on_message).await {
-                Err(e @ ClientError::Connect { .. }) => refused = Some(e),
-                done => return done,
-            }
-        }
-        let Some(refused) = refused else {
-            return Err(ClientError::Connect {
-                url: String::new(),
-                message: "no ingest URL given (--url)".into(),
-            });
-        };
-        if tokio::time::Instant::now() + backoff > deadline {
-            return Err(refused);
-        }
-        if !quiet {
-            eprintln!("{refused}; trying again in {backoff:?}");
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
 }

@@ -1,5 +1,6 @@
-//! Reading the audio a client sends: a mono WAV file, 16-bit integer or 32-bit float
-//! PCM, kept as little-endian bytes exactly as they will go on the wire.
+//! The audio a client sends: a mono WAV file, 16-bit integer or 32-bit float PCM, kept
+//! as little-endian bytes exactly as they go on the wire; and written back as a WAV
+//! file from those bytes (replay of an archived session).
 
 use std::path::Path;
 
@@ -10,6 +11,12 @@ use thiserror::Error;
 pub enum WavError {
     #[error("cannot read {path}: {source}")]
     Read {
+        path: String,
+        #[source]
+        source: hound::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
         path: String,
         #[source]
         source: hound::Error,
@@ -96,5 +103,91 @@ impl Recording {
                 },
             }),
         }
+    }
+
+    /// Writes a mono WAV file whose samples are exactly these PCM bytes.
+    pub fn write(&self, path: &Path) -> Result<(), WavError> {
+        let file = std::fs::File::create(path).map_err(|e| WavError::Write {
+            path: path.display().to_string(),
+            source: hound::Error::IoError(e),
+        })?;
+        self.write_to(std::io::BufWriter::new(file), &path.display().to_string())
+    }
+
+    /// The WAV file [`Recording::write`] writes, in memory.
+    pub fn to_wav(&self) -> Result<Vec<u8>, WavError> {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        self.write_to(&mut bytes, "memory")?;
+        Ok(bytes.into_inner())
+    }
+
+    fn write_to<W: std::io::Write + std::io::Seek>(
+        &self,
+        sink: W,
+        name: &str,
+    ) -> Result<(), WavError> {
+        let write_error = |source| WavError::Write {
+            path: name.to_string(),
+            source,
+        };
+        let (bits_per_sample, sample_format) = match self.format.encoding {
+            AudioEncoding::PcmS16le => (16, hound::SampleFormat::Int),
+            AudioEncoding::PcmF32le => (32, hound::SampleFormat::Float),
+        };
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: self.format.sample_rate,
+            bits_per_sample,
+            sample_format,
+        };
+        let mut writer = hound::WavWriter::new(sink, spec).map_err(write_error)?;
+        match self.format.encoding {
+            AudioEncoding::PcmS16le => {
+                for pair in self.pcm.chunks_exact(2) {
+                    writer
+                        .write_sample(i16::from_le_bytes([pair[0], pair[1]]))
+                        .map_err(write_error)?;
+                }
+            }
+            AudioEncoding::PcmF32le => {
+                for quad in self.pcm.chunks_exact(4) {
+                    writer
+                        .write_sample(f32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]]))
+                        .map_err(write_error)?;
+                }
+            }
+        }
+        writer.finalize().map_err(write_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_file_reads_back_byte_for_byte() {
+        let dir = std::env::temp_dir().join(format!("asr-wav-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let float = Recording {
+            format: AudioFormat {
+                sample_rate: 48_000,
+                encoding: AudioEncoding::PcmF32le,
+            },
+            pcm: [0.5f32, -0.25, 1.5, f32::MIN_POSITIVE]
+                .iter()
+                .flat_map(|s| s.to_le_bytes())
+                .collect(),
+        };
+        for recording in [
+            Recording::from_i16(8_000, &[1, -2, i16::MAX, i16::MIN]),
+            float,
+        ] {
+            let path = dir.join("out.wav");
+            recording.write(&path).unwrap();
+            assert_eq!(Recording::read(&path).unwrap(), recording);
+            assert_eq!(recording.to_wav().unwrap(), std::fs::read(&path).unwrap());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -168,6 +168,9 @@ mod tests {
             envelope(Event::SessionClosed {
                 reason: "done".into(),
             }),
+            envelope(Event::SessionResumed {
+                writer: "ingest-1/5f0e".into(),
+            }),
             envelope(Event::EpochStarted {
                 epoch: 3,
                 worker: "w".into(),

@@ -18,6 +18,11 @@ impl ControlFilter {
         Self::default()
     }
 
+    /// A fold that has already seen `highest` (a consumer resuming where it stopped).
+    pub fn starting_at(highest: Option<u64>) -> Self {
+        Self { highest }
+    }
+
     /// Whether the event counts: true for a control event whose token is at least the
     /// highest seen so far (the current term's), false for a deposed leader's event
     /// and for events that are not control events.

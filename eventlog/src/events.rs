@@ -109,6 +109,12 @@ pub enum Event {
     SessionClosed {
         reason: String,
     },
+    /// A client reconnected and resumed the session through a new connection,
+    /// `writer`, the producer of the session's input from here on. Everything an
+    /// earlier connection appended is before this marker in the log.
+    SessionResumed {
+        writer: String,
+    },
 
     // --- results (result partitions), written by the assigned recognizer ---
     /// Written by a worker before its first result for an assignment.

@@ -146,13 +146,18 @@ impl ResultFilter {
     /// The transcript: accepted finals in segment order, non-empty texts joined by
     /// single spaces.
     pub fn transcript(&self) -> String {
-        self.finals
-            .values()
-            .map(|f| f.text.trim())
-            .filter(|t| !t.is_empty())
-            .collect::<Vec<_>>()
-            .join(" ")
+        join_finals(self.finals.values().map(|f| f.text.as_str()))
     }
+}
+
+/// Final texts in segment order as one transcript: trimmed, empty ones skipped, joined
+/// by single spaces. Everyone who shows a transcript joins it this way.
+pub fn join_finals<'a>(texts: impl Iterator<Item = &'a str>) -> String {
+    texts
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]

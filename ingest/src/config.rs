@@ -1,7 +1,6 @@
 //! The ingest node's settings: flags with environment fallbacks.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,8 +8,9 @@ use clap::Args;
 use eventlog::config::SharedArgs;
 
 use crate::protocol::Limits;
+use crate::resume::ResumeTokens;
 use crate::session::SessionConfig;
-use crate::tenants::{ApiKey, ApiKeys, KeyError};
+use crate::tenants::{KeyArgs, KeyError};
 
 #[derive(Args, Clone, Debug, PartialEq, Eq)]
 pub struct IngestArgs {
@@ -57,22 +57,14 @@ pub struct IngestArgs {
     /// is closed.
     #[arg(long, env = "ASR_INGEST_IDLE_TIMEOUT_SECS", default_value_t = 60)]
     pub idle_timeout_secs: u64,
-    /// A file of API keys, one `tenant key` per line (`#` comments). `asr up` writes
-    /// one for the local tenant.
-    #[arg(long, env = "ASR_API_KEYS_FILE")]
-    pub api_keys_file: Option<PathBuf>,
-    /// API keys as `tenant=key`, comma-separated (in addition to the file).
-    #[arg(
-        long,
-        env = "ASR_API_KEYS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    pub api_keys: Vec<ApiKey>,
-    /// Also serve clients that show no key, as the tenant `anonymous` (a trusted
-    /// network only).
-    #[arg(long, env = "ASR_ALLOW_ANONYMOUS")]
-    pub allow_anonymous: bool,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// The secret resume tokens are signed with. Every ingest node of a deployment
+    /// needs the same one, for a session to resume on any node and after a restart;
+    /// without it the node draws its own, and its sessions resume only on it until it
+    /// restarts. `asr up` writes one to its state folder.
+    #[arg(long, env = "ASR_RESUME_SECRET", hide_env_values = true)]
+    pub resume_secret: Option<String>,
     #[command(flatten)]
     pub shared: SharedArgs,
 }
@@ -91,24 +83,15 @@ impl IngestArgs {
         }
     }
 
-    /// The keys of `--api-keys-file` and `--api-keys`.
-    pub fn api_keys(&self) -> Result<ApiKeys, KeyError> {
-        let mut keys = self.api_keys.clone();
-        if let Some(path) = &self.api_keys_file {
-            let text = std::fs::read_to_string(path).map_err(|e| KeyError::Unreadable {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?;
-            keys.extend(ApiKeys::parse_file(&text, path)?);
-        }
-        ApiKeys::new(keys, self.allow_anonymous)
-    }
-
     pub fn session_config(&self) -> Result<Arc<SessionConfig>, KeyError> {
         Ok(Arc::new(SessionConfig {
             models: self.models.clone(),
             limits: self.limits(),
-            keys: self.api_keys()?,
+            keys: self.keys.load()?,
+            tokens: match &self.resume_secret {
+                Some(secret) => ResumeTokens::new(secret.as_bytes()),
+                None => ResumeTokens::random(),
+            },
         }))
     }
 
@@ -139,7 +122,7 @@ mod tests {
         assert_eq!(args.models, vec!["a".to_string(), "b".to_string()]);
         assert!(args.node_id.starts_with("ingest-") && args.node_id.len() == 15);
         assert_eq!(args.limits().max_frame_bytes, 65_536);
-        assert!(args.api_keys().unwrap().locks_everyone_out());
+        assert!(args.keys.load().unwrap().locks_everyone_out());
     }
 
     #[test]
@@ -155,7 +138,7 @@ mod tests {
             "--api-keys-file",
             file.to_str().unwrap(),
         ]);
-        let keys = cli.ingest.api_keys().unwrap();
+        let keys = cli.ingest.keys.load().unwrap();
         assert_eq!(keys.tenants(), 3);
         assert_eq!(
             keys.authenticate(Some("local-key-0123456789")),

@@ -5,13 +5,19 @@
 //! Acknowledgements come only from `PendingAppend::confirmed`, polled in append order
 //! (a `FuturesOrdered`), so acks leave in sequence order and a chunk whose confirmation
 //! failed or never came is never acknowledged: the session fails instead.
+//!
+//! A connection that drops leaves its session open for the client to resume, on this
+//! node or another: only an error the client made closes the session in the log.
+//! Resuming takes the session's input over ([`crate::writers`]), appends a
+//! `SessionResumed` marker and reads the input up to it ([`crate::resume`]), so that
+//! the client learns exactly which frames are stored.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket};
-use eventlog::log::{LogError, PendingAppend};
+use eventlog::log::{LogError, PendingAppend, ReadFrom};
 use eventlog::{Envelope, Event, SessionId};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, SplitStream};
@@ -27,8 +33,10 @@ use crate::outbox::Outbox;
 use crate::protocol::{Secret, SessionError};
 use crate::quota::Slot;
 use crate::results_hub::{ResultItem, Subscription};
+use crate::resume::{InputScan, ResumeClaims, StoredInput};
 use crate::server::Node;
 use crate::session::{Action, Allocation, Appended, Session};
+use crate::writers::Writer;
 
 /// How long the broker may take to confirm an append before the log counts as
 /// unavailable.
@@ -43,6 +51,11 @@ const REALLOCATE_INTERVAL: Duration = Duration::from_secs(2);
 /// frames while waiting for its close: closing a socket with unread input makes the
 /// kernel reset it, and the client could lose the error message.
 const CLOSE_DRAIN: Duration = Duration::from_secs(2);
+/// How long a resume may take to read the session's input up to its marker.
+const SCAN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session's first events are found this far before its `opened_at_ms`: the broker
+/// finds timestamps per chunk of messages.
+const LOOKBACK_MS: u64 = 5_000;
 
 type Confirm = BoxFuture<'static, (Appended, Instant, Result<(), LogError>)>;
 
@@ -93,6 +106,11 @@ struct Connection<'a> {
     node: Arc<Node>,
     outbox: &'a Outbox,
     session: Session,
+    /// This connection's name as the producer of what it appends (the node's id and a
+    /// connection number): the writer a `SessionResumed` names.
+    writer_id: String,
+    /// Its right to append the session's input, once it has a session.
+    writer: Option<Arc<Writer>>,
     lease: Option<Lease>,
     confirms: FuturesOrdered<Confirm>,
     results: Option<Subscription>,
@@ -108,10 +126,13 @@ struct Connection<'a> {
 impl<'a> Connection<'a> {
     fn new(node: Arc<Node>, outbox: &'a Outbox, bearer: Option<Secret>) -> Self {
         let session = Session::new(node.session_config.clone(), Uuid::new_v4(), bearer);
+        let writer_id = format!("{}/{:08x}", node.node_id, rand::random::<u32>());
         Self {
             node,
             outbox,
             session,
+            writer_id,
+            writer: None,
             lease: None,
             confirms: FuturesOrdered::new(),
             results: None,
@@ -172,6 +193,7 @@ impl<'a> Connection<'a> {
                 _ = &mut idle => {
                     (self.session.fail(SessionError::IdleTimeout(idle_timeout.as_secs())), None)
                 }
+                () = superseded(&self.writer) => (self.session.fail(SessionError::Superseded), None),
             };
             if let Some(error) = self.perform(actions, received, result_at_ms).await {
                 return End::Closed(error);
@@ -199,6 +221,11 @@ impl<'a> Connection<'a> {
                     model,
                     format,
                 } => self.open(session, tenant, model, format).await,
+                Action::Resume {
+                    session,
+                    tenant,
+                    claims,
+                } => self.resume(session, tenant, claims, received).await,
                 Action::AppendChunk(chunk) => {
                     self.append(
                         Appended::Chunk(chunk.seq),
@@ -231,62 +258,196 @@ impl<'a> Connection<'a> {
         model: String,
         format: eventlog::AudioFormat,
     ) -> Vec<Action> {
-        let node = self.node.clone();
-        match node.tenant_quota.try_take(&tenant) {
-            Some(slot) => self.tenant_slot = Some(slot),
-            None => {
-                let limit = node.tenant_quota.limit();
-                return self
-                    .session
-                    .fail(SessionError::TenantSessionLimit { tenant, limit });
-            }
+        if let Err(refused) = self.take_session(session, &tenant).await {
+            return refused;
         }
-        let lease = match node.appenders.get(node.layout.partition_of(session)).await {
-            Ok(lease) => lease,
-            Err(e) => {
-                return self
-                    .session
-                    .fail(SessionError::BrokerUnavailable(e.to_string()));
-            }
+        let opened_at_ms = eventlog::now_ms();
+        let opened = Event::SessionOpened {
+            tenant: tenant.clone(),
+            model: model.clone(),
+            format,
         };
-        let opened = Envelope {
-            session: Some(session),
-            at_ms: eventlog::now_ms(),
-            producer: node.node_id.clone(),
-            event: Event::SessionOpened {
-                tenant: tenant.clone(),
-                model: model.clone(),
-                format,
-            },
-        };
-        self.lease = Some(lease.clone());
-        let appended = match lease.appender.append(&opened).await {
-            Ok(pending) => confirmed(lease.appender.stream(), pending).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = appended {
-            return self.broker_failed(e).await;
+        if let Err(refused) = self.append_now(opened, opened_at_ms).await {
+            return refused;
         }
         self.opened = true;
         metrics::session_opened();
-        tracing::info!(%session, %model, "session opened");
-        self.results = Some(node.results.subscribe(session));
+        tracing::info!(%session, %model, writer = %self.writer_id, "session opened");
+        self.results = Some(self.node.results.subscribe(session));
 
-        let mut actions = self.session.on_opened();
-        self.allocation = Some(AllocateWorkerRequest {
-            session_id: session.to_string(),
-            model_name: model,
+        let mut actions = self.session.on_opened(opened_at_ms);
+        self.allocation = Some(allocation_request(
+            session,
             tenant,
-            opened_at_ms: opened.at_ms,
-            sample_rate: format.sample_rate,
-            encoding: format.encoding.name().into(),
-            min_epoch: 0,
-        });
+            model,
+            format,
+            opened_at_ms,
+        ));
         match self.allocate().await {
             Ok(allocation) => actions.extend(self.on_allocation(allocation)),
             Err(e) => actions.extend(self.session.fail(SessionError::OrchestratorUnavailable(e))),
         }
         actions
+    }
+
+    /// Continues a session a client opened on an earlier connection: takes its input
+    /// over (fencing the earlier connection if it is on this node), marks the takeover
+    /// in the log, reads the input up to the marker to learn what is stored, and
+    /// follows the session's results from its start.
+    async fn resume(
+        &mut self,
+        session: SessionId,
+        tenant: String,
+        claims: ResumeClaims,
+        received: Instant,
+    ) -> Vec<Action> {
+        if let Err(refused) = self.take_session(session, &tenant).await {
+            return refused;
+        }
+        // The results reader opens while the input is scanned; what it delivers waits
+        // in its channel until the session is resumed.
+        self.results = Some(self.node.results.history(session, claims.opened_at_ms));
+        let stored = match self.scan_input(session, &claims).await {
+            Ok(stored) => stored,
+            Err(refused) => return refused,
+        };
+        self.opened = true;
+        metrics::session_resumed(received.elapsed());
+        tracing::info!(%session, writer = %self.writer_id, next_seq = stored.next_seq, ended = stored.ended, "session resumed");
+        let ResumeClaims {
+            opened_at_ms,
+            model,
+            format,
+        } = claims;
+        self.allocation = Some(allocation_request(
+            session,
+            tenant,
+            model,
+            format,
+            opened_at_ms,
+        ));
+        self.session.on_resumed(stored)
+    }
+
+    /// Appends this writer's `SessionResumed` and reads the session's input up to it,
+    /// from the recognizer's checkpoint when there is one (everything before it is
+    /// decoded, so stored) or else from the session's start.
+    async fn scan_input(
+        &mut self,
+        session: SessionId,
+        claims: &ResumeClaims,
+    ) -> Result<StoredInput, Vec<Action>> {
+        let checkpoint = self.node.checkpoints.load(session).await.unwrap_or_else(|e| {
+            tracing::warn!(%session, error = %e, "no checkpoint to start the scan from: scanning from the start");
+            None
+        });
+        let (from, mut scan) = match checkpoint {
+            Some(checkpoint) => {
+                let point = checkpoint.point;
+                let samples_before = point.session_sample - u64::from(point.sample_in_chunk);
+                (
+                    ReadFrom::Offset(point.chunk_offset),
+                    InputScan::new(
+                        claims.format,
+                        point.chunk_seq,
+                        samples_before,
+                        &self.writer_id,
+                    ),
+                )
+            }
+            None => (
+                ReadFrom::Timestamp(claims.opened_at_ms.saturating_sub(LOOKBACK_MS)),
+                InputScan::new(claims.format, 0, 0, &self.writer_id),
+            ),
+        };
+        let marker = Event::SessionResumed {
+            writer: self.writer_id.clone(),
+        };
+        self.append_now(marker, eventlog::now_ms()).await?;
+        let stream = self.node.layout.audio_stream(session);
+        let scanned = tokio::time::timeout(SCAN_TIMEOUT, async {
+            let mut reader = self.node.log.reader(&stream, from, Some(session)).await?;
+            while let Some(record) = reader.next().await {
+                if scan.push(&record?.envelope.event) {
+                    reader.close().await;
+                    return Ok(scan.stored());
+                }
+            }
+            Err(LogError::Consumer {
+                stream: stream.clone(),
+                message: "the stream ended before the resume marker".into(),
+            })
+        })
+        .await;
+        match scanned {
+            Ok(Ok(stored)) => Ok(stored),
+            Ok(Err(e)) => Err(self.broker_failed(e).await),
+            Err(_) => Err(self.session.fail(SessionError::BrokerUnavailable(format!(
+                "the resume marker was not read back within {SCAN_TIMEOUT:?}"
+            )))),
+        }
+    }
+
+    /// Takes the tenant's quota slot, the partition's producer and the session's
+    /// writer for this connection.
+    async fn take_session(&mut self, session: SessionId, tenant: &str) -> Result<(), Vec<Action>> {
+        let node = self.node.clone();
+        match node.tenant_quota.try_take(tenant) {
+            Some(slot) => self.tenant_slot = Some(slot),
+            None => {
+                let limit = node.tenant_quota.limit();
+                return Err(self.session.fail(SessionError::TenantSessionLimit {
+                    tenant: tenant.into(),
+                    limit,
+                }));
+            }
+        }
+        match node.appenders.get(node.layout.partition_of(session)).await {
+            Ok(lease) => self.lease = Some(lease),
+            Err(e) => {
+                return Err(self
+                    .session
+                    .fail(SessionError::BrokerUnavailable(e.to_string())));
+            }
+        }
+        self.writer = Some(node.writers.claim(session).await);
+        Ok(())
+    }
+
+    /// Appends an event as this session's writer and waits for its confirmation.
+    async fn append_now(&mut self, event: Event, at_ms: u64) -> Result<(), Vec<Action>> {
+        let pending = match self.enqueue(event, at_ms).await {
+            Ok(pending) => pending,
+            Err(refused) => return Err(refused),
+        };
+        let lease = self.lease.clone().expect("a writer has a producer");
+        match confirmed(lease.appender.stream(), pending).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.broker_failed(e).await),
+        }
+    }
+
+    /// Hands an event to the broker as this session's writer: refused once a newer
+    /// connection took the session over.
+    async fn enqueue(&mut self, event: Event, at_ms: u64) -> Result<PendingAppend, Vec<Action>> {
+        let writer = self
+            .writer
+            .clone()
+            .expect("appends follow taking the session");
+        let lease = self.lease.clone().expect("a writer has a producer");
+        let Some(_gate) = writer.admit().await else {
+            return Err(self.session.fail(SessionError::Superseded));
+        };
+        let envelope = Envelope {
+            session: Some(self.session.id()),
+            at_ms,
+            producer: self.writer_id.clone(),
+            event,
+        };
+        match lease.appender.append(&envelope).await {
+            Ok(pending) => Ok(pending),
+            Err(e) => Err(self.broker_failed(e).await),
+        }
     }
 
     /// The orchestrator's answer: a queued session takes one of the node's waiting
@@ -328,25 +489,16 @@ impl<'a> Connection<'a> {
 
     /// Hands an event to the broker and queues its confirmation.
     async fn append(&mut self, appended: Appended, event: Event, received: Instant) -> Vec<Action> {
-        let lease = self
-            .lease
-            .clone()
-            .expect("appends follow a successful open");
-        let envelope = Envelope {
-            session: Some(self.session.id()),
-            at_ms: eventlog::now_ms(),
-            producer: self.node.node_id.clone(),
-            event,
-        };
-        match lease.appender.append(&envelope).await {
+        match self.enqueue(event, eventlog::now_ms()).await {
             Ok(pending) => {
+                let lease = self.lease.as_ref().expect("a writer has a producer");
                 let stream = lease.appender.stream().to_string();
                 self.confirms.push_back(
                     async move { (appended, received, confirmed(&stream, pending).await) }.boxed(),
                 );
                 Vec::new()
             }
-            Err(e) => self.broker_failed(e).await,
+            Err(refused) => refused,
         }
     }
 
@@ -377,33 +529,55 @@ impl<'a> Connection<'a> {
     }
 
     /// Stops the session's background work; unconfirmed appends are dropped unacked.
-    /// A session that ends without completing is marked closed in the log, so that
-    /// its worker stops waiting for audio (until resume exists, nothing can continue
-    /// it).
+    /// A dropped connection leaves the session to be resumed (its recognizer
+    /// completes it if no one comes back); a session that failed through the
+    /// client's fault is marked closed in the log, so that its worker completes it at
+    /// once.
     async fn finish(&mut self, end: &End) {
         self.results = None;
-        if !self.opened {
-            return;
+        if self.opened {
+            metrics::session_gone();
+            if let End::Closed(Some(error)) = end
+                && !error.is_resumable()
+            {
+                let closed = Event::SessionClosed {
+                    reason: error.code().into(),
+                };
+                // Best effort: a broker failure here leaves the session to the
+                // recognizer's abandonment timeout.
+                let _ = self.append_now(closed, eventlog::now_ms()).await;
+            }
         }
-        metrics::session_gone();
-        let reason = match end {
-            End::Closed(None) | End::Closed(Some(SessionError::BrokerUnavailable(_))) => return,
-            End::Closed(Some(error)) => error.code(),
-            End::Disconnected => "client_disconnected",
-        };
-        let Some(lease) = &self.lease else { return };
-        let closed = Envelope {
-            session: Some(self.session.id()),
-            at_ms: eventlog::now_ms(),
-            producer: self.node.node_id.clone(),
-            event: Event::SessionClosed {
-                reason: reason.into(),
-            },
-        };
-        // Best effort: when the broker is what failed, this fails too.
-        if let Ok(pending) = lease.appender.append(&closed).await {
-            let _ = confirmed(lease.appender.stream(), pending).await;
+        if let Some(writer) = self.writer.take() {
+            self.node.writers.release(self.session.id(), &writer);
         }
+    }
+}
+
+/// What AllocateWorker is asked for a session.
+fn allocation_request(
+    session: SessionId,
+    tenant: String,
+    model: String,
+    format: eventlog::AudioFormat,
+    opened_at_ms: u64,
+) -> AllocateWorkerRequest {
+    AllocateWorkerRequest {
+        session_id: session.to_string(),
+        model_name: model,
+        tenant,
+        opened_at_ms,
+        sample_rate: format.sample_rate,
+        encoding: format.encoding.name().into(),
+        min_epoch: 0,
+    }
+}
+
+/// Resolves once a newer connection took the session over; never without a session.
+async fn superseded(writer: &Option<Arc<Writer>>) {
+    match writer {
+        Some(writer) => writer.superseded().await,
+        None => std::future::pending().await,
     }
 }
 

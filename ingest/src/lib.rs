@@ -14,6 +14,8 @@
 //! - [`server`]: the axum router, readiness, and serving until shutdown;
 //! - [`tenants`]: API keys and the tenants they name (pure);
 //! - [`quota`]: sessions per tenant on this node, capped;
+//! - [`resume`]: resume tokens and the scan of a session's stored input (pure);
+//! - [`writers`]: one writer per session on this node (a resume fences the old one);
 //! - [`config`]: the flags, [`IngestArgs`];
 //! - [`metrics`]: metric names.
 
@@ -25,9 +27,11 @@ pub mod outbox;
 pub mod protocol;
 pub mod quota;
 pub mod results_hub;
+pub mod resume;
 pub mod server;
 pub mod session;
 pub mod tenants;
+pub mod writers;
 
 use std::future::Future;
 

@@ -21,12 +21,13 @@ pub const SEQ_HEADER_BYTES: usize = 8;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
     Open(OpenRequest),
+    Resume(ResumeRequest),
     End,
 }
 
 /// The `type` values of [`ClientMessage`]: the parser tells an unknown type apart from
 /// a known one with bad fields.
-const CLIENT_MESSAGE_TYPES: &[&str] = &["open", "end"];
+const CLIENT_MESSAGE_TYPES: &[&str] = &["open", "resume", "end"];
 
 /// `{"type":"open",...}`. Unknown fields are ignored, so that clients written against
 /// a later protocol (a resume token) still open sessions here.
@@ -39,6 +40,21 @@ pub struct OpenRequest {
     pub encoding: String,
     /// The tenant's API key, unless the upgrade request carried it in an
     /// `Authorization: Bearer` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<Secret>,
+}
+
+/// `{"type":"resume",...}`: continue a session on a new connection, after a drop.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeRequest {
+    pub session_id: SessionId,
+    /// The token `opened` gave.
+    pub resume_token: Secret,
+    /// The `result` index of the last result the client received; absent when it
+    /// received none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_result: Option<u64>,
+    /// The tenant's API key, unless the upgrade request carried it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<Secret>,
 }
@@ -160,17 +176,33 @@ pub enum ServerMessage {
         sample_rate: u32,
         encoding: AudioEncoding,
         limits: Limits,
+        /// Presented with the session id in `resume` to continue after a drop.
+        resume_token: Secret,
+    },
+    /// The answer to `resume`: results after `last_result` follow, and the client sends
+    /// audio from `next_seq` on (or nothing, when `ended`).
+    Resumed {
+        session_id: SessionId,
+        /// Every frame below it is stored; frames below it sent again are acknowledged
+        /// again and not stored twice.
+        next_seq: u64,
+        /// The end of stream is stored: the session only finishes.
+        ended: bool,
+        limits: Limits,
     },
     Queued {
         position: u32,
     },
-    Started,
+    Started {
+        result: u64,
+    },
     Ack {
         seq: u64,
     },
     Partial(Segment),
     Final(Segment),
     Completed {
+        result: u64,
         segments: u32,
         transcript: String,
         /// Segment indices below `segments` that never got an accepted final: a gap
@@ -191,6 +223,9 @@ pub enum ServerMessage {
 /// The body of `partial` and `final`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
+    /// The result's index among the session's results (`started`, `partial`, `final`,
+    /// `completed`): increasing, the same on every node, the client's place in `resume`.
+    pub result: u64,
     pub segment: u32,
     pub text: String,
     pub start_ms: u64,
@@ -272,6 +307,10 @@ pub enum SessionError {
     BrokerUnavailable(String),
     #[error("the orchestrator is unavailable: {0}")]
     OrchestratorUnavailable(String),
+    #[error("unknown session or invalid resume token")]
+    InvalidResume,
+    #[error("the session was resumed on another connection")]
+    Superseded,
     #[error("the server is shutting down; reconnect to another node")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -313,6 +352,8 @@ impl SessionError {
             Unauthorized => ("unauthorized", 4017),
             TenantSessionLimit { .. } => ("tenant_session_limit", 4018),
             TooManyWaiting { .. } => ("too_many_waiting", 4019),
+            InvalidResume => ("invalid_resume", 4020),
+            Superseded => ("superseded", 4021),
             FrameTooLarge { .. } => ("frame_too_large", 1009),
             ShuttingDown => ("shutting_down", 1001),
             Internal(_) => ("internal_error", 1011),
@@ -327,6 +368,24 @@ impl SessionError {
             | SessionError::TooManyWaiting { .. } => Some(RETRY_AFTER_SECS),
             _ => None,
         }
+    }
+
+    /// Whether the session outlives this error: the client may `resume` it. The
+    /// connection, not the session, failed (it went quiet, read too slowly, or the
+    /// node or a service it needs is going away); anything the client got wrong
+    /// ends the session.
+    pub fn is_resumable(&self) -> bool {
+        use SessionError::*;
+        matches!(
+            self,
+            IdleTimeout(_)
+                | ClientTooSlow
+                | Superseded
+                | ShuttingDown
+                | BrokerUnavailable(_)
+                | OrchestratorUnavailable(_)
+                | Internal(_)
+        )
     }
 
     /// The `error` message announcing this error.
@@ -389,11 +448,33 @@ mod tests {
     }
 
     #[test]
+    fn parses_resume_and_hides_its_token() {
+        let id = uuid::Uuid::new_v4();
+        let m = parse_text(&format!(
+            r#"{{"type":"resume","session_id":"{id}","resume_token":"t.x","last_result":7}}"#
+        ))
+        .unwrap();
+        let ClientMessage::Resume(resume) = m else {
+            panic!("a resume message")
+        };
+        assert_eq!(resume.session_id, id);
+        assert_eq!(resume.last_result, Some(7));
+        assert_eq!(resume.resume_token, Secret("t.x".into()));
+        assert!(!format!("{resume:?}").contains("t.x"));
+        let bad = parse_text(r#"{"type":"resume","session_id":"not-a-uuid","resume_token":"t"}"#);
+        assert_eq!(bad.unwrap_err().code(), "invalid_message");
+    }
+
+    #[test]
     fn tells_bad_json_unknown_types_and_bad_fields_apart() {
         assert_eq!(parse_text("hello").unwrap_err().code(), "invalid_json");
         assert_eq!(parse_text("[1,2]").unwrap_err().code(), "invalid_json");
         assert_eq!(
             parse_text(r#"{"type":"resume"}"#).unwrap_err().code(),
+            "invalid_message"
+        );
+        assert_eq!(
+            parse_text(r#"{"type":"pause"}"#).unwrap_err().code(),
             "unknown_message_type"
         );
         assert_eq!(
@@ -463,6 +544,7 @@ mod tests {
         let ack = ServerMessage::Ack { seq: 3 }.to_json();
         assert_eq!(ack, r#"{"type":"ack","seq":3}"#);
         let fin = ServerMessage::Final(Segment {
+            result: 4,
             segment: 1,
             text: "hi".into(),
             start_ms: 10,
@@ -470,18 +552,22 @@ mod tests {
         });
         assert_eq!(
             fin.to_json(),
-            r#"{"type":"final","segment":1,"text":"hi","start_ms":10,"end_ms":20}"#
+            r#"{"type":"final","result":4,"segment":1,"text":"hi","start_ms":10,"end_ms":20}"#
         );
         let done = ServerMessage::Completed {
+            result: 5,
             segments: 2,
             transcript: "a b".into(),
             missing_segments: vec![],
         };
         assert_eq!(
             done.to_json(),
-            r#"{"type":"completed","segments":2,"transcript":"a b"}"#
+            r#"{"type":"completed","result":5,"segments":2,"transcript":"a b"}"#
         );
-        assert_eq!(ServerMessage::Started.to_json(), r#"{"type":"started"}"#);
+        assert_eq!(
+            ServerMessage::Started { result: 0 }.to_json(),
+            r#"{"type":"started","result":0}"#
+        );
         let err = SessionError::FrameTooLarge { size: 9, max: 8 };
         assert_eq!(err.close_code(), 1009);
         let json: serde_json::Value = serde_json::from_str(&err.to_message().to_json()).unwrap();
@@ -527,6 +613,8 @@ mod tests {
             SessionError::OrchestratorUnavailable(String::new()),
             SessionError::ShuttingDown,
             SessionError::Internal(String::new()),
+            SessionError::InvalidResume,
+            SessionError::Superseded,
         ];
         let mut codes: Vec<_> = all.iter().map(SessionError::code).collect();
         let mut close: Vec<_> = all.iter().map(SessionError::close_code).collect();
@@ -557,13 +645,14 @@ mod tests {
 
         #[test]
         fn json_like_text_never_panics(
-            kind in prop::sample::select(vec!["open", "end", "x", ""]),
+            kind in prop::sample::select(vec!["open", "resume", "end", "x", ""]),
             model in ".*",
             rate in any::<i64>(),
             encoding in ".*",
         ) {
             let text = serde_json::json!({
-                "type": kind, "model": model, "sample_rate": rate, "encoding": encoding
+                "type": kind, "model": model, "sample_rate": rate, "encoding": encoding,
+                "session_id": model, "resume_token": encoding, "last_result": rate,
             }).to_string();
             if let Ok(ClientMessage::Open(open)) = parse_text(&text) {
                 let _ = open.format();

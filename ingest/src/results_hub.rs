@@ -16,6 +16,11 @@
 //! error (the session ends: skipping it could hide a final). A session whose channel is
 //! full (its connection stopped taking results) is dropped from the tail, and its
 //! channel closes.
+//!
+//! A resumed session needs its results from its start, which the tails (started later)
+//! may not have seen: it gets a reader of its own ([`ResultsHub::history`]), from the
+//! session's opening on. Resumes are rare next to opens, so that connection is paid
+//! only then.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -64,9 +69,19 @@ struct Tail {
 
 /// One session's results, for as long as it is held.
 pub struct Subscription {
-    session: SessionId,
-    subscribers: Subscribers,
     pub results: mpsc::Receiver<ResultItem>,
+    source: Source,
+}
+
+/// Where a subscription's results come from, undone when it is dropped.
+enum Source {
+    /// A route on the partition's shared tail.
+    Tail {
+        session: SessionId,
+        subscribers: Subscribers,
+    },
+    /// A reader of the session's own.
+    Reader(JoinHandle<()>),
 }
 
 impl ResultsHub {
@@ -95,9 +110,49 @@ impl ResultsHub {
         routes.sessions.insert(session, tx);
         drop(routes);
         Subscription {
-            session,
-            subscribers: tail.subscribers.clone(),
             results,
+            source: Source::Tail {
+                session,
+                subscribers: tail.subscribers.clone(),
+            },
+        }
+    }
+
+    /// Delivers `session`'s result events from its start (it opened at
+    /// `opened_at_ms`) on, in log order, through a reader of its own.
+    pub fn history(&self, session: SessionId, opened_at_ms: u64) -> Subscription {
+        let (tx, results) = mpsc::channel(SESSION_BACKLOG);
+        let stream = self.layout.results_stream(session);
+        let from = ReadFrom::Timestamp(opened_at_ms.saturating_sub(LOOKBACK_MS));
+        let log = self.log.clone();
+        let task = tokio::spawn(async move {
+            let mut reader = match log.reader(&stream, from, Some(session)).await {
+                Ok(reader) => reader,
+                Err(e) => {
+                    tracing::warn!(%session, %stream, error = %e, "cannot read the session's results");
+                    return;
+                }
+            };
+            while let Some(item) = reader.next().await {
+                let item = match item {
+                    Ok(record) => Ok(record.envelope),
+                    Err(e @ LogError::Decode { .. }) => Err(e.to_string()),
+                    Err(e) => {
+                        tracing::warn!(%session, %stream, error = %e, "the session's results reader failed");
+                        break;
+                    }
+                };
+                // A full channel is a connection that stopped reading: it ends, as
+                // on the shared tail, rather than holding the reader.
+                if tx.try_send(item).is_err() {
+                    break;
+                }
+            }
+            reader.close().await;
+        });
+        Subscription {
+            results,
+            source: Source::Reader(task),
         }
     }
 
@@ -123,7 +178,15 @@ impl Drop for ResultsHub {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        lock(&self.subscribers).sessions.remove(&self.session);
+        match &self.source {
+            Source::Tail {
+                session,
+                subscribers,
+            } => {
+                lock(subscribers).sessions.remove(session);
+            }
+            Source::Reader(task) => task.abort(),
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::response::Response;
 use axum::routing::get;
+use eventlog::checkpoint::CheckpointStore;
 use eventlog::log::StreamLog;
 use eventlog::streams::StreamLayout;
 use orchestrator::discovery::LeaderClient;
@@ -28,6 +29,7 @@ use crate::quota::TenantQuota;
 use crate::results_hub::ResultsHub;
 use crate::session::SessionConfig;
 use crate::tenants::KeyError;
+use crate::writers::Writers;
 
 /// The WebSocket read buffer's size (it grows for a larger frame).
 const SOCKET_BUFFER_BYTES: usize = 4 * 1024;
@@ -63,6 +65,10 @@ pub struct Node {
     pub(crate) log: StreamLog,
     pub(crate) appenders: AudioAppenders,
     pub(crate) results: Arc<ResultsHub>,
+    /// Where recognizers checkpoint: a resume scans the session's input from there.
+    pub(crate) checkpoints: CheckpointStore,
+    /// The connection allowed to append each session's input.
+    pub(crate) writers: Writers,
     pub(crate) orchestrator: LeaderClient,
     pub(crate) max_connections: usize,
     pub(crate) tenant_quota: Arc<TenantQuota>,
@@ -101,9 +107,14 @@ impl Node {
         }
         tracing::info!(
             tenants = session_config.keys.tenants(),
-            anonymous = args.allow_anonymous,
+            anonymous = args.keys.allow_anonymous,
             "API keys loaded"
         );
+        if args.resume_secret.is_none() {
+            tracing::warn!(
+                "no --resume-secret (ASR_RESUME_SECRET): sessions resume only on this node, until it restarts"
+            );
+        }
         Ok(Arc::new(Self {
             session_config,
             node_id: args.node_id.clone(),
@@ -114,6 +125,8 @@ impl Node {
                 args.max_frame_bytes,
             ),
             results: ResultsHub::new(log.clone(), layout.clone()),
+            checkpoints: CheckpointStore::new(redis.clone(), args.shared.namespace.clone()),
+            writers: Writers::default(),
             layout,
             log,
             orchestrator: LeaderClient::new(redis, &args.shared.namespace),

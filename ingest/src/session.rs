@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! AwaitingOpen --open--> Opening --SessionOpened confirmed--> Open --end--> Ending --> Completed
+//!      |                                                        ^              ^
+//!      +--resume--> Resuming --input scanned--------------------+--(ended)-----+
 //!        \________________________ any error ________________________________/ --> Failed
 //! ```
 //!
@@ -14,6 +16,10 @@
 //! from a broker confirmation, in sequence order; and `completed` is held back until
 //! every appended chunk has been acknowledged and the end of stream confirmed, so a
 //! client never sees its session complete with a chunk it could think was lost.
+//!
+//! Every accepted result gets the next `result` index, counted from the session's
+//! first result in log order; a resumed session counts the same way from the start and
+//! sends only what comes after the client's `last_result`.
 
 use std::sync::Arc;
 
@@ -23,8 +29,10 @@ use eventlog::results::{ResultFilter, Verdict};
 use eventlog::{AudioFormat, Event, SessionId};
 
 use crate::protocol::{
-    self, ClientMessage, Limits, OpenRequest, Secret, Segment, ServerMessage, SessionError,
+    self, ClientMessage, Limits, OpenRequest, ResumeRequest, Secret, Segment, ServerMessage,
+    SessionError,
 };
+use crate::resume::{ResumeClaims, ResumeTokens, StoredInput};
 use crate::tenants::ApiKeys;
 
 /// What a node serves, the same for all its sessions.
@@ -35,6 +43,8 @@ pub struct SessionConfig {
     pub limits: Limits,
     /// Who may open sessions, and as which tenant.
     pub keys: ApiKeys,
+    /// Issues and checks the tokens that resume sessions.
+    pub tokens: ResumeTokens,
 }
 
 /// What the server must do next.
@@ -47,6 +57,14 @@ pub enum Action {
         tenant: String,
         model: String,
         format: AudioFormat,
+    },
+    /// Take the session's input over from any earlier connection, find where its
+    /// stored input ends and follow its results from the start; then call
+    /// [`Session::on_resumed`] (or [`Session::fail`]).
+    Resume {
+        session: SessionId,
+        tenant: String,
+        claims: ResumeClaims,
     },
     /// Append the chunk; report its confirmation with [`Appended::Chunk`].
     AppendChunk(AudioChunk),
@@ -78,10 +96,20 @@ pub enum Allocation {
 pub enum Phase {
     AwaitingOpen,
     Opening,
+    Resuming,
     Open,
     Ending,
     Completed,
     Failed,
+}
+
+/// An audio frame that passed the checks.
+enum Received {
+    /// The next in sequence: to be appended.
+    New(AudioChunk),
+    /// A frame below the next sequence number, sent again because its ack was lost
+    /// (on a dropped connection): it is in the log already and is never appended twice.
+    Again(u64),
 }
 
 /// The session of one connection.
@@ -92,8 +120,10 @@ pub struct Session {
     /// The key the connection's upgrade request carried (`Authorization: Bearer`).
     bearer: Option<Secret>,
     phase: Phase,
+    tenant: String,
     model: String,
     format: Option<AudioFormat>,
+    resume_token: Option<Secret>,
     /// The sequence number the next audio frame must carry.
     next_seq: u64,
     /// Audio received so far, in samples.
@@ -103,8 +133,13 @@ pub struct Session {
     end_confirmed: bool,
     filter: ResultFilter,
     started_sent: bool,
-    /// An accepted completion waiting for outstanding acks.
-    completion: Option<ServerMessage>,
+    /// The index the next accepted result gets.
+    next_result: u64,
+    /// Results up to this index reached the client on an earlier connection.
+    delivered_before: Option<u64>,
+    /// An accepted completion waiting for outstanding acks, and whether the client
+    /// still needs it (it may have had it before a resume).
+    completion: Option<(ServerMessage, bool)>,
 }
 
 impl Session {
@@ -116,14 +151,18 @@ impl Session {
             id,
             bearer,
             phase: Phase::AwaitingOpen,
+            tenant: String::new(),
             model: String::new(),
             format: None,
+            resume_token: None,
             next_seq: 0,
             samples: 0,
             next_ack: 0,
             end_confirmed: false,
             filter: ResultFilter::new(),
             started_sent: false,
+            next_result: 0,
+            delivered_before: None,
             completion: None,
         }
     }
@@ -161,6 +200,7 @@ impl Session {
         }
         match protocol::parse_text(text) {
             Ok(ClientMessage::Open(open)) => self.open(open),
+            Ok(ClientMessage::Resume(resume)) => self.resume(resume),
             Ok(ClientMessage::End) => self.end(),
             Err(e) => self.fail(e),
         }
@@ -175,29 +215,70 @@ impl Session {
             return self.fail(e);
         }
         match self.phase {
-            Phase::AwaitingOpen | Phase::Opening => self.fail(SessionError::NotOpen("audio")),
+            Phase::AwaitingOpen | Phase::Opening | Phase::Resuming => {
+                self.fail(SessionError::NotOpen("audio"))
+            }
             Phase::Ending => self.fail(SessionError::AlreadyEnded("audio")),
             Phase::Open => match self.audio(frame) {
-                Ok(chunk) => vec![Action::AppendChunk(chunk)],
+                Ok(Received::New(chunk)) => vec![Action::AppendChunk(chunk)],
+                // Stored and confirmed: acknowledged again. Still unconfirmed: its ack
+                // follows its confirmation, as for the first copy.
+                Ok(Received::Again(seq)) if seq < self.next_ack => {
+                    vec![Action::Send(ServerMessage::Ack { seq })]
+                }
+                Ok(Received::Again(_)) => Vec::new(),
                 Err(e) => self.fail(e),
             },
             Phase::Completed | Phase::Failed => Vec::new(),
         }
     }
 
-    /// `SessionOpened` is confirmed by the broker: the session exists.
-    pub fn on_opened(&mut self) -> Vec<Action> {
+    /// `SessionOpened`, stamped `opened_at_ms`, is confirmed by the broker: the session
+    /// exists.
+    pub fn on_opened(&mut self, opened_at_ms: u64) -> Vec<Action> {
         let Some(format) = self.format.filter(|_| self.phase == Phase::Opening) else {
             return Vec::new();
         };
         self.phase = Phase::Open;
+        let claims = ResumeClaims {
+            opened_at_ms,
+            model: self.model.clone(),
+            format,
+        };
+        let token = Secret(self.config.tokens.issue(self.id, &self.tenant, &claims));
         vec![Action::Send(ServerMessage::Opened {
             session_id: self.id,
             model: self.model.clone(),
             sample_rate: format.sample_rate,
             encoding: format.encoding,
             limits: self.config.limits,
+            resume_token: token,
         })]
+    }
+
+    /// The session's input is taken over and scanned: every frame below
+    /// `stored.next_seq` is in the log.
+    pub fn on_resumed(&mut self, stored: StoredInput) -> Vec<Action> {
+        if self.phase != Phase::Resuming {
+            return Vec::new();
+        }
+        self.next_seq = stored.next_seq;
+        self.next_ack = stored.next_seq;
+        self.samples = stored.samples;
+        self.end_confirmed = stored.ended;
+        self.phase = if stored.ended {
+            Phase::Ending
+        } else {
+            Phase::Open
+        };
+        let mut actions = vec![Action::Send(ServerMessage::Resumed {
+            session_id: self.id,
+            next_seq: stored.next_seq,
+            ended: stored.ended,
+            limits: self.config.limits,
+        })];
+        actions.extend(self.flush_completion());
+        actions
     }
 
     /// The orchestrator's answer. An allocated worker announces itself with
@@ -233,16 +314,20 @@ impl Session {
     }
 
     /// The next event of the session's results, in log order. Only what the shared
-    /// acceptance rule accepts reaches the client.
+    /// acceptance rule accepts reaches the client, and only once: results a resumed
+    /// client already had are counted, not sent.
     pub fn on_result(&mut self, event: &Event) -> Vec<Action> {
         if self.is_closed() || self.filter.accept(event) != Verdict::Accepted {
             return Vec::new();
         }
-        match event {
+        let result = self.next_result;
+        self.next_result += 1;
+        let deliver = self.delivered_before.is_none_or(|last| result > last);
+        let message = match event {
             Event::EpochStarted { .. } if !self.started_sent => {
                 // A failover starts a new epoch; the client sees one `started` only.
                 self.started_sent = true;
-                vec![Action::Send(ServerMessage::Started)]
+                ServerMessage::Started { result }
             }
             Event::Partial {
                 segment,
@@ -250,33 +335,42 @@ impl Session {
                 start_ms,
                 end_ms,
                 ..
-            } => vec![Action::Send(ServerMessage::Partial(Segment {
+            } => ServerMessage::Partial(Segment {
+                result,
                 segment: *segment,
                 text: text.clone(),
                 start_ms: *start_ms,
                 end_ms: *end_ms,
-            }))],
+            }),
             Event::Final {
                 segment,
                 text,
                 start_ms,
                 end_ms,
                 ..
-            } => vec![Action::Send(ServerMessage::Final(Segment {
+            } => ServerMessage::Final(Segment {
+                result,
                 segment: *segment,
                 text: text.clone(),
                 start_ms: *start_ms,
                 end_ms: *end_ms,
-            }))],
+            }),
             Event::TranscriptCompleted { segments, .. } => {
-                self.completion = Some(ServerMessage::Completed {
+                let done = ServerMessage::Completed {
+                    result,
                     segments: *segments,
                     transcript: self.filter.transcript(),
                     missing_segments: self.filter.missing_segments(),
-                });
-                self.flush_completion()
+                };
+                self.completion = Some((done, deliver));
+                return self.flush_completion();
             }
-            _ => Vec::new(),
+            _ => return Vec::new(),
+        };
+        if deliver {
+            vec![Action::Send(message)]
+        } else {
+            Vec::new()
         }
     }
 
@@ -297,20 +391,25 @@ impl Session {
         Ok(())
     }
 
+    /// The tenant of the key the client presented (in the message or the upgrade
+    /// request).
+    fn authenticate(&self, in_message: Option<&Secret>) -> Result<String, SessionError> {
+        let presented = in_message.or(self.bearer.as_ref());
+        self.config
+            .keys
+            .authenticate(presented.map(|k| k.0.as_str()))
+            .map_err(|_| SessionError::Unauthorized)
+    }
+
     fn open(&mut self, open: OpenRequest) -> Vec<Action> {
         if self.phase != Phase::AwaitingOpen {
             return self.fail(SessionError::AlreadyOpen);
         }
         // First: nothing about the node (its models, its formats) is told to a client
         // that has not shown a key.
-        let presented = open.api_key.as_ref().or(self.bearer.as_ref());
-        let tenant = match self
-            .config
-            .keys
-            .authenticate(presented.map(|k| k.0.as_str()))
-        {
+        let tenant = match self.authenticate(open.api_key.as_ref()) {
             Ok(tenant) => tenant,
-            Err(_) => return self.fail(SessionError::Unauthorized),
+            Err(e) => return self.fail(e),
         };
         if !self.config.models.contains(&open.model) {
             let served = self.config.models.join(", ");
@@ -324,6 +423,7 @@ impl Session {
             Err(e) => return self.fail(e),
         };
         self.phase = Phase::Opening;
+        self.tenant = tenant.clone();
         self.model = open.model.clone();
         self.format = Some(format);
         vec![Action::Open {
@@ -334,9 +434,44 @@ impl Session {
         }]
     }
 
+    fn resume(&mut self, resume: ResumeRequest) -> Vec<Action> {
+        if self.phase != Phase::AwaitingOpen {
+            return self.fail(SessionError::AlreadyOpen);
+        }
+        let tenant = match self.authenticate(resume.api_key.as_ref()) {
+            Ok(tenant) => tenant,
+            Err(e) => return self.fail(e),
+        };
+        let tokens = &self.config.tokens;
+        let Ok(claims) = tokens.verify(&resume.resume_token.0, resume.session_id, &tenant) else {
+            return self.fail(SessionError::InvalidResume);
+        };
+        if !self.config.models.contains(&claims.model) {
+            let served = self.config.models.join(", ");
+            return self.fail(SessionError::UnknownModel {
+                requested: claims.model,
+                served,
+            });
+        }
+        self.id = resume.session_id;
+        self.phase = Phase::Resuming;
+        self.tenant = tenant.clone();
+        self.model = claims.model.clone();
+        self.format = Some(claims.format);
+        self.resume_token = Some(resume.resume_token);
+        self.delivered_before = resume.last_result;
+        vec![Action::Resume {
+            session: self.id,
+            tenant,
+            claims,
+        }]
+    }
+
     fn end(&mut self) -> Vec<Action> {
         match self.phase {
-            Phase::AwaitingOpen | Phase::Opening => self.fail(SessionError::NotOpen("end")),
+            Phase::AwaitingOpen | Phase::Opening | Phase::Resuming => {
+                self.fail(SessionError::NotOpen("end"))
+            }
             Phase::Ending => self.fail(SessionError::AlreadyEnded("end")),
             Phase::Open => {
                 self.phase = Phase::Ending;
@@ -348,9 +483,13 @@ impl Session {
         }
     }
 
-    fn audio(&mut self, frame: Bytes) -> Result<AudioChunk, SessionError> {
+    /// Checks an audio frame against the sequence and the session's length.
+    fn audio(&mut self, frame: Bytes) -> Result<Received, SessionError> {
         let format = self.format.expect("an open session has a format");
         let frame = protocol::parse_audio(frame, format.encoding)?;
+        if frame.seq < self.next_seq {
+            return Ok(Received::Again(frame.seq));
+        }
         if frame.seq != self.next_seq {
             return Err(SessionError::BadSequence {
                 expected: self.next_seq,
@@ -364,20 +503,28 @@ impl Session {
         }
         self.samples = samples;
         self.next_seq += 1;
-        Ok(AudioChunk {
+        Ok(Received::New(AudioChunk {
             seq: frame.seq,
             bytes: frame.pcm,
-        })
+        }))
     }
 
     /// Sends the completion once nothing appended is left unacknowledged.
     fn flush_completion(&mut self) -> Vec<Action> {
-        let settled =
-            self.next_ack == self.next_seq && (self.phase != Phase::Ending || self.end_confirmed);
+        let settled = match self.phase {
+            Phase::Open => self.next_ack == self.next_seq,
+            Phase::Ending => self.next_ack == self.next_seq && self.end_confirmed,
+            _ => false,
+        };
         match self.completion.take() {
-            Some(done) if settled => {
+            Some((done, deliver)) if settled => {
                 self.phase = Phase::Completed;
-                vec![Action::Send(done), Action::Close(None)]
+                let mut actions = Vec::new();
+                if deliver {
+                    actions.push(Action::Send(done));
+                }
+                actions.push(Action::Close(None));
+                actions
             }
             pending => {
                 self.completion = pending;
@@ -395,6 +542,7 @@ mod tests {
 
     const OPEN: &str = r#"{"type":"open","model":"whisper-tiny.en","sample_rate":16000,"encoding":"pcm_s16le","api_key":"north-key-0123456789"}"#;
     const KEY: &str = "north-key-0123456789";
+    const OPENED_AT_MS: u64 = 1_700_000_000_000;
 
     fn config() -> Arc<SessionConfig> {
         Arc::new(SessionConfig {
@@ -413,6 +561,7 @@ mod tests {
                 false,
             )
             .unwrap(),
+            tokens: ResumeTokens::new(b"test secret".to_vec()),
         })
     }
 
@@ -437,7 +586,7 @@ mod tests {
             [Action::Open { tenant, format, .. }]
                 if tenant == "north" && format.encoding == AudioEncoding::PcmS16le
         ));
-        let opened = s.on_opened();
+        let opened = s.on_opened(OPENED_AT_MS);
         assert!(matches!(
             &opened[..],
             [Action::Send(ServerMessage::Opened { session_id, .. })] if *session_id == s.id()
@@ -483,7 +632,7 @@ mod tests {
     }
 
     #[test]
-    fn sequence_gaps_and_repeats_are_refused() {
+    fn sequence_gaps_are_refused_and_repeats_never_appended_twice() {
         let mut s = open_session();
         s.on_binary(frame(0, 1));
         assert_eq!(error_code(&s.on_binary(frame(2, 1))), Some("bad_sequence"));
@@ -492,7 +641,184 @@ mod tests {
 
         let mut s = open_session();
         s.on_binary(frame(0, 1));
-        assert_eq!(error_code(&s.on_binary(frame(0, 1))), Some("bad_sequence"));
+        s.on_binary(frame(1, 1));
+        assert!(
+            s.on_binary(frame(0, 1)).is_empty(),
+            "unconfirmed: no ack yet"
+        );
+        s.on_confirmed(Appended::Chunk(0));
+        assert_eq!(
+            s.on_binary(frame(0, 1)),
+            vec![Action::Send(ServerMessage::Ack { seq: 0 })],
+            "confirmed: acknowledged again, not appended"
+        );
+        assert!(matches!(&s.on_binary(frame(2, 1))[..], [Action::AppendChunk(c)] if c.seq == 2));
+    }
+
+    fn token_of(opened: &[Action]) -> Secret {
+        match opened {
+            [Action::Send(ServerMessage::Opened { resume_token, .. })] => resume_token.clone(),
+            other => panic!("expected opened, got {other:?}"),
+        }
+    }
+
+    fn resume_text(session: SessionId, token: &Secret, last: Option<u64>, key: &str) -> String {
+        let mut resume = serde_json::json!({
+            "type": "resume", "session_id": session, "resume_token": token.0, "api_key": key
+        });
+        if let Some(last) = last {
+            resume["last_result"] = last.into();
+        }
+        resume.to_string()
+    }
+
+    /// A session opened on one connection, and a second connection resuming it.
+    fn opened_and_resumed(last: Option<u64>, stored: StoredInput) -> (SessionId, Session) {
+        let id = Uuid::new_v4();
+        let mut first = Session::new(config(), id, None);
+        first.on_text(OPEN);
+        let token = token_of(&first.on_opened(OPENED_AT_MS));
+        let mut second = Session::new(config(), Uuid::new_v4(), None);
+        let actions = second.on_text(&resume_text(id, &token, last, KEY));
+        assert_eq!(
+            actions,
+            vec![Action::Resume {
+                session: id,
+                tenant: "north".into(),
+                claims: ResumeClaims {
+                    opened_at_ms: OPENED_AT_MS,
+                    model: "whisper-tiny.en".into(),
+                    format: AudioFormat {
+                        sample_rate: 16_000,
+                        encoding: AudioEncoding::PcmS16le
+                    },
+                },
+            }]
+        );
+        assert_eq!(second.phase(), Phase::Resuming);
+        assert_eq!(second.id(), id);
+        assert!(matches!(
+            &second.on_resumed(stored)[..],
+            [Action::Send(ServerMessage::Resumed { session_id, next_seq, ended, .. })]
+                if *session_id == id && *next_seq == stored.next_seq && *ended == stored.ended
+        ));
+        (id, second)
+    }
+
+    #[test]
+    fn a_resumed_session_continues_from_the_stored_input() {
+        let stored = StoredInput {
+            next_seq: 5,
+            samples: 15_900,
+            ended: false,
+        };
+        let (_, mut s) = opened_and_resumed(None, stored);
+        assert_eq!(s.phase(), Phase::Open);
+        assert_eq!(
+            s.on_binary(frame(3, 1)),
+            vec![Action::Send(ServerMessage::Ack { seq: 3 })],
+            "stored before the drop: acknowledged again"
+        );
+        assert!(matches!(&s.on_binary(frame(5, 100))[..], [Action::AppendChunk(c)] if c.seq == 5));
+        // The stored samples count towards the length limit (16,000 at most).
+        assert_eq!(
+            error_code(&s.on_binary(frame(6, 1))),
+            Some("session_too_long")
+        );
+    }
+
+    #[test]
+    fn a_resumed_session_sends_only_the_results_after_the_last_received() {
+        let (_, mut s) = opened_and_resumed(Some(1), StoredInput::default());
+        assert!(s.on_result(&started(1)).is_empty(), "result 0 was received");
+        assert!(
+            s.on_result(&fin(1, 0, "a")).is_empty(),
+            "result 1 was received"
+        );
+        assert!(s.on_result(&fin(1, 0, "again")).is_empty(), "not accepted");
+        assert!(matches!(
+            &s.on_result(&fin(1, 1, "b"))[..],
+            [Action::Send(ServerMessage::Final(f))] if f.result == 2 && f.text == "b"
+        ));
+        assert!(
+            !s.awaiting_worker(),
+            "the worker announced itself before the drop"
+        );
+    }
+
+    #[test]
+    fn resuming_a_finished_session_sends_the_rest_and_closes() {
+        let ended = StoredInput {
+            next_seq: 0,
+            samples: 0,
+            ended: true,
+        };
+        let (_, mut s) = opened_and_resumed(Some(0), ended);
+        assert_eq!(s.phase(), Phase::Ending);
+        assert_eq!(error_code(&s.on_binary(frame(0, 1))), Some("already_ended"));
+
+        let (_, mut s) = opened_and_resumed(Some(0), ended);
+        s.on_result(&started(1));
+        s.on_result(&fin(1, 0, "hi"));
+        let actions = s.on_result(&Event::TranscriptCompleted {
+            epoch: 1,
+            segments: 1,
+        });
+        assert!(matches!(
+            &actions[..],
+            [Action::Send(ServerMessage::Completed { result: 2, transcript, .. }), Action::Close(None)]
+                if transcript == "hi"
+        ));
+
+        // It had everything: the connection just closes.
+        let (_, mut s) = opened_and_resumed(Some(2), ended);
+        s.on_result(&started(1));
+        s.on_result(&fin(1, 0, "hi"));
+        let actions = s.on_result(&Event::TranscriptCompleted {
+            epoch: 1,
+            segments: 1,
+        });
+        assert_eq!(actions, vec![Action::Close(None)]);
+    }
+
+    #[test]
+    fn resume_is_refused_to_other_tenants_guessed_sessions_and_altered_tokens() {
+        let id = Uuid::new_v4();
+        let mut first = Session::new(config(), id, None);
+        first.on_text(OPEN);
+        let token = token_of(&first.on_opened(OPENED_AT_MS));
+        let refused = |text: String| {
+            let mut s = Session::new(config(), Uuid::new_v4(), None);
+            let actions = s.on_text(&text);
+            let [Action::Close(Some(e))] = &actions[..] else {
+                panic!("refused: {actions:?}")
+            };
+            (e.code(), e.to_string())
+        };
+        let invalid = (
+            "invalid_resume",
+            "unknown session or invalid resume token".to_string(),
+        );
+        assert_eq!(
+            refused(resume_text(id, &token, None, "south-key-0123456789")),
+            invalid
+        );
+        assert_eq!(
+            refused(resume_text(Uuid::new_v4(), &token, None, KEY)),
+            invalid
+        );
+        let altered = Secret(format!("{}A", token.0));
+        assert_eq!(refused(resume_text(id, &altered, None, KEY)), invalid);
+        assert_eq!(
+            refused(resume_text(id, &token, None, "wrong-key-0123456789")).0,
+            "unauthorized"
+        );
+        // Resuming on a connection that already has a session is refused too.
+        let mut s = open_session();
+        assert_eq!(
+            error_code(&s.on_text(&resume_text(id, &token, None, KEY))),
+            Some("already_open")
+        );
     }
 
     #[test]
@@ -633,7 +959,7 @@ mod tests {
         );
         assert_eq!(
             s.on_result(&started(1)),
-            vec![Action::Send(ServerMessage::Started)]
+            vec![Action::Send(ServerMessage::Started { result: 0 })]
         );
         assert!(
             matches!(&s.on_result(&fin(1, 0, "a"))[..], [Action::Send(ServerMessage::Final(f))] if f.text == "a")
@@ -680,6 +1006,7 @@ mod tests {
             actions,
             vec![
                 Action::Send(ServerMessage::Completed {
+                    result: 3,
                     segments: 2,
                     transcript: "hello world".into(),
                     missing_segments: vec![],

@@ -86,6 +86,43 @@ pub enum KeyError {
     Duplicate(String),
 }
 
+/// Where a service finds its tenants' keys: flags with environment fallbacks, shared
+/// by every service that authenticates tenants (ingest, the audit API).
+#[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyArgs {
+    /// A file of API keys, one `tenant key` per line (`#` comments). `asr up` writes
+    /// one for the local tenant.
+    #[arg(long, env = "ASR_API_KEYS_FILE")]
+    pub api_keys_file: Option<std::path::PathBuf>,
+    /// API keys as `tenant=key`, comma-separated (in addition to the file).
+    #[arg(
+        long,
+        env = "ASR_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<ApiKey>,
+    /// Also serve clients that show no key, as the tenant `anonymous` (a trusted
+    /// network only).
+    #[arg(long, env = "ASR_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+}
+
+impl KeyArgs {
+    /// The keys of `--api-keys-file` and `--api-keys`.
+    pub fn load(&self) -> Result<ApiKeys, KeyError> {
+        let mut keys = self.api_keys.clone();
+        if let Some(path) = &self.api_keys_file {
+            let text = std::fs::read_to_string(path).map_err(|e| KeyError::Unreadable {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            keys.extend(ApiKeys::parse_file(&text, path)?);
+        }
+        ApiKeys::new(keys, self.allow_anonymous)
+    }
+}
+
 /// The keys a node accepts, and whether sessions without one are allowed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApiKeys {

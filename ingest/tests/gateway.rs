@@ -188,6 +188,12 @@ impl Harness {
 
     /// Connects and opens a session; returns its id.
     async fn open(&self) -> (Ws, SessionId) {
+        let (ws, id, _) = self.open_resumable().await;
+        (ws, id)
+    }
+
+    /// Connects and opens a session; returns its id and resume token.
+    async fn open_resumable(&self) -> (Ws, SessionId, String) {
         let mut ws = self.connect().await;
         send(&mut ws, open_message(MODEL, 16000, "pcm_s16le")).await;
         let opened = next_json(&mut ws).await;
@@ -197,7 +203,11 @@ impl Harness {
         assert_eq!(id.get_version_num(), 4);
         let queued = next_json(&mut ws).await;
         assert_eq!(queued, json!({"type": "queued", "position": 1}));
-        (ws, id)
+        let token = opened["resume_token"]
+            .as_str()
+            .expect("a resume token")
+            .to_string();
+        (ws, id, token)
     }
 
     /// A plain HTTP/1.1 GET; the whole response as text.
@@ -432,7 +442,10 @@ async fn a_session_gets_acks_for_stored_chunks_and_only_accepted_results() {
         },
     )
     .await;
-    assert_eq!(next_json(&mut ws).await, json!({"type": "started"}));
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "started", "result": 0})
+    );
     let partial = Event::Partial {
         epoch: 1,
         segment: 0,
@@ -457,16 +470,17 @@ async fn a_session_gets_acks_for_stored_chunks_and_only_accepted_results() {
 
     assert_eq!(
         next_json(&mut ws).await,
-        json!({"type": "partial", "segment": 0, "text": "hel", "start_ms": 0, "end_ms": 500})
+        json!({"type": "partial", "result": 1, "segment": 0, "text": "hel", "start_ms": 0, "end_ms": 500})
     );
     assert_eq!(
         next_json(&mut ws).await,
-        json!({"type": "final", "segment": 0, "text": "hello", "start_ms": 0, "end_ms": 900})
+        json!({"type": "final", "result": 2, "segment": 0, "text": "hello", "start_ms": 0, "end_ms": 900})
     );
-    // Neither the duplicate nor the zombie's final comes between these two.
+    // Neither the duplicate nor the zombie's final comes between these two; the
+    // second epoch's start counts as a result (3) the client is not sent.
     assert_eq!(
         next_json(&mut ws).await,
-        json!({"type": "final", "segment": 1, "text": "world", "start_ms": 1000, "end_ms": 1900})
+        json!({"type": "final", "result": 4, "segment": 1, "text": "world", "start_ms": 1000, "end_ms": 1900})
     );
 
     send(&mut ws, json!({"type": "end"})).await;
@@ -495,7 +509,7 @@ async fn a_session_gets_acks_for_stored_chunks_and_only_accepted_results() {
     .await;
     assert_eq!(
         next_json(&mut ws).await,
-        json!({"type": "completed", "segments": 2, "transcript": "hello world"})
+        json!({"type": "completed", "result": 5, "segments": 2, "transcript": "hello world"})
     );
     assert_eq!(close_code(&mut ws).await, 1000);
     recognizer.close().await;
@@ -519,8 +533,12 @@ async fn bad_input_is_refused_with_documented_codes_while_others_keep_working() 
     expect_refusal(&mut ws, "invalid_json", 4000).await;
 
     let mut ws = h.connect().await;
-    send(&mut ws, json!({"type": "resume", "session_id": "x"})).await;
+    send(&mut ws, json!({"type": "pause"})).await;
     expect_refusal(&mut ws, "unknown_message_type", 4001).await;
+
+    let mut ws = h.connect().await;
+    send(&mut ws, json!({"type": "resume", "session_id": "x"})).await;
+    expect_refusal(&mut ws, "invalid_message", 4002).await;
 
     let mut ws = h.connect().await;
     send(&mut ws, open_message("whisper-huge", 16000, "pcm_s16le")).await;
@@ -802,5 +820,177 @@ async fn sessions_beyond_the_waiting_limit_are_refused_with_a_retry_hint() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    h.stop().await;
+}
+
+fn resume_message(session: SessionId, token: &str, last_result: Option<u64>, key: &str) -> Value {
+    let mut resume = json!({
+        "type": "resume", "session_id": session, "resume_token": token, "api_key": key
+    });
+    if let Some(last) = last_result {
+        resume["last_result"] = last.into();
+    }
+    resume
+}
+
+/// Sends `resume` on a new connection and expects `resumed`.
+async fn resume(h: &Harness, session: SessionId, token: &str, last: Option<u64>) -> (Ws, Value) {
+    let mut ws = h.connect().await;
+    send(&mut ws, resume_message(session, token, last, NORTH_KEY)).await;
+    let resumed = next_json(&mut ws).await;
+    assert_eq!(resumed["type"], "resumed", "{resumed}");
+    assert_eq!(resumed["session_id"], session.to_string());
+    (ws, resumed)
+}
+
+/// A connection that drops mid-session: the client resumes on a new one, gets
+/// exactly the results it missed and where to continue its audio; a frame it sends
+/// again is acknowledged again and not stored twice; the log holds every chunk once.
+/// Resuming the finished session gives what the client had not received, then closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_session_resumes_with_exactly_what_was_missed() {
+    let h = Harness::start().await;
+    let (mut ws, session, token) = h.open_resumable().await;
+    let recognizer = h.recognizer(session).await;
+    for seq in 0..7 {
+        send_audio(&mut ws, audio(seq, 160)).await;
+        assert_eq!(next_json(&mut ws).await, json!({"type": "ack", "seq": seq}));
+    }
+    let started = Event::EpochStarted {
+        epoch: 1,
+        worker: "w1".into(),
+    };
+    append(&recognizer, session, started).await;
+    append(&recognizer, session, final_event(1, 0, "hello")).await;
+    assert_eq!(next_json(&mut ws).await["result"], 0);
+    assert_eq!(next_json(&mut ws).await["result"], 1);
+    // The connection drops without a close; a result comes while the client is away.
+    drop(ws);
+    append(&recognizer, session, final_event(1, 1, "world")).await;
+
+    let (mut ws, resumed) = resume(&h, session, &token, Some(1)).await;
+    assert_eq!(resumed["next_seq"], 7, "{resumed}");
+    assert_eq!(resumed["ended"], false);
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "final", "result": 2, "segment": 1, "text": "world", "start_ms": 1000, "end_ms": 1900}),
+        "only the result the client missed"
+    );
+    // Frame 6 again (as if its ack had been lost), then the next one.
+    send_audio(&mut ws, audio(6, 160)).await;
+    assert_eq!(next_json(&mut ws).await, json!({"type": "ack", "seq": 6}));
+    send_audio(&mut ws, audio(7, 160)).await;
+    assert_eq!(next_json(&mut ws).await, json!({"type": "ack", "seq": 7}));
+    send(&mut ws, json!({"type": "end"})).await;
+
+    let stored = read_audio(&h, session, |e| matches!(e, Event::EndOfStream { .. })).await;
+    let seqs: Vec<u64> = stored
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::AudioChunk(c) => Some(c.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs, (0..8).collect::<Vec<_>>(), "every chunk once");
+    let marker = stored
+        .iter()
+        .position(|e| matches!(e.event, Event::SessionResumed { .. }))
+        .expect("the resume is in the log");
+    let Event::SessionResumed { writer } = &stored[marker].event else {
+        unreachable!()
+    };
+    assert_eq!(
+        &stored.last().unwrap().producer,
+        writer,
+        "the new connection writes on"
+    );
+    assert_ne!(&stored[0].producer, writer);
+    assert!(
+        !stored
+            .iter()
+            .any(|e| matches!(e.event, Event::SessionClosed { .. })),
+        "a drop does not close the session"
+    );
+
+    let completed = Event::TranscriptCompleted {
+        epoch: 1,
+        segments: 2,
+    };
+    append(&recognizer, session, completed).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "completed", "result": 3, "segments": 2, "transcript": "hello world"})
+    );
+    assert_eq!(close_code(&mut ws).await, 1000);
+
+    // The finished session resumes too: the rest of its results, then a normal close.
+    let (mut ws, resumed) = resume(&h, session, &token, Some(2)).await;
+    assert_eq!(resumed["ended"], true);
+    assert_eq!(resumed["next_seq"], 8);
+    assert_eq!(next_json(&mut ws).await["type"], "completed");
+    assert_eq!(close_code(&mut ws).await, 1000);
+    let (mut ws, _) = resume(&h, session, &token, Some(3)).await;
+    assert_eq!(close_code(&mut ws).await, 1000, "nothing left to send");
+
+    recognizer.close().await;
+    h.stop().await;
+}
+
+/// Resume is refused, with one message that tells nothing, to another tenant's key
+/// with a valid token, to a guessed session id and to an altered token; a valid resume
+/// while the first connection is still up takes the session from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_is_refused_across_tenants_and_takes_over_from_a_live_connection() {
+    let h = Harness::start().await;
+    let (mut first, session, token) = h.open_resumable().await;
+    send_audio(&mut first, audio(0, 160)).await;
+    assert_eq!(
+        next_json(&mut first).await,
+        json!({"type": "ack", "seq": 0})
+    );
+
+    let mut messages = Vec::new();
+    let forged = format!("{}A", token);
+    for (id, token, key) in [
+        (session, token.as_str(), SOUTH_KEY),
+        (Uuid::new_v4(), token.as_str(), NORTH_KEY),
+        (session, forged.as_str(), NORTH_KEY),
+    ] {
+        let mut ws = h.connect().await;
+        send(&mut ws, resume_message(id, token, None, key)).await;
+        let refusal = next_json(&mut ws).await;
+        assert_eq!(refusal["code"], "invalid_resume", "{refusal}");
+        assert_eq!(close_code(&mut ws).await, 4020);
+        let text = refusal.to_string();
+        assert!(
+            !text.contains(&session.to_string()) && !text.contains("north"),
+            "{text}"
+        );
+        messages.push(refusal);
+    }
+    assert!(messages.windows(2).all(|w| w[0] == w[1]), "{messages:?}");
+    let mut ws = h.connect().await;
+    send(
+        &mut ws,
+        resume_message(session, &token, None, "wrong-key-0123456789"),
+    )
+    .await;
+    expect_refusal(&mut ws, "unauthorized", 4017).await;
+
+    // The refusals changed nothing: the first connection still streams.
+    send_audio(&mut first, audio(1, 160)).await;
+    assert_eq!(
+        next_json(&mut first).await,
+        json!({"type": "ack", "seq": 1})
+    );
+
+    let (mut second, resumed) = resume(&h, session, &token, None).await;
+    assert_eq!(resumed["next_seq"], 2);
+    expect_refusal(&mut first, "superseded", 4021).await;
+    send_audio(&mut second, audio(2, 160)).await;
+    assert_eq!(
+        next_json(&mut second).await,
+        json!({"type": "ack", "seq": 2})
+    );
     h.stop().await;
 }
