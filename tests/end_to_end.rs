@@ -332,10 +332,12 @@ async fn every_accepted_rate_and_encoding_is_stored_as_sent_and_transcribed() {
 }
 
 /// Two ingest nodes share nothing but the log and Redis: sessions opened on either are
-/// served by the same recognizers, and SIGKILLing one node ends only its own session
-/// while the other node's session completes with its full transcript.
+/// served by the same recognizers. SIGKILLing one node while its client is sending
+/// moves that session to the other node: the client resumes there and gets the
+/// uninterrupted run's transcript, no result twice, and the log holds each chunk once;
+/// the other node's session never notices.
 #[tokio::test(flavor = "multi_thread")]
-async fn two_ingest_nodes_serve_side_by_side_and_one_dying_leaves_the_other_whole() {
+async fn two_ingest_nodes_serve_side_by_side_and_a_session_resumes_on_one_when_the_other_dies() {
     let _serial = testkit::serial::heavy();
     let (a, b) = (
         "please send an ambulance to the main street",
@@ -351,7 +353,7 @@ async fn two_ingest_nodes_serve_side_by_side_and_one_dying_leaves_the_other_whol
     )
     .await;
     let on_node = |i: usize, speed: f64| StreamOptions {
-        url: system.ws_url_of(i),
+        urls: vec![system.ws_url_of(i)],
         speed,
         completion_timeout: Duration::from_secs(90),
         ..system.stream_options()
@@ -366,16 +368,20 @@ async fn two_ingest_nodes_serve_side_by_side_and_one_dying_leaves_the_other_whol
         client::stream(&first, &ra, |_| {}),
         client::stream(&second, &rb, |_| {})
     );
+    let mut transcripts = Vec::new();
     for (said, outcome) in [(a, oa), (b, ob)] {
         let outcome = outcome.unwrap_or_else(|e| panic!("{e}\n{}", system.all_logs()));
         let wer = word_error_rate(said, &outcome.transcript);
         println!("WER {wer:.2}: {:?}", outcome.transcript);
         assert!(wer <= MAX_WER, "{said:?} heard as {:?}", outcome.transcript);
+        transcripts.push(outcome.transcript);
     }
+    let oa_transcript = transcripts.swap_remove(0);
 
     // Node 1 dies while both nodes stream at real-time pace, once a second of its
-    // session's audio is acknowledged.
-    let (slow_a, slow_b) = (on_node(0, 1.0), on_node(1, 1.0));
+    // session's audio is acknowledged; that client knows both nodes.
+    let (mut slow_a, slow_b) = (on_node(0, 1.0), on_node(1, 1.0));
+    slow_a.urls = vec![system.ws_url_of(0), system.ws_url_of(1)];
     let (acked, mut acked_rx) = tokio::sync::watch::channel(0u64);
     let doomed = client::stream(&slow_a, &ra, move |message| {
         if let ingest::protocol::ServerMessage::Ack { seq } = message {
@@ -390,8 +396,22 @@ async fn two_ingest_nodes_serve_side_by_side_and_one_dying_leaves_the_other_whol
             .expect("the doomed session's acks");
         system.kill("ingest").await;
     };
-    let (doomed, survivor, ()) = tokio::join!(doomed, survivor, kill);
-    assert!(doomed.is_err(), "the killed node's session cannot complete");
+    let (moved, survivor, ()) = tokio::join!(doomed, survivor, kill);
+    let moved = moved.unwrap_or_else(|e| panic!("{e}\n{}", system.all_logs()));
+    println!(
+        "after node 1 died, its session resumed on node 2: {:?}",
+        moved.transcript
+    );
+    assert_eq!(moved.resumes, 1);
+    assert_eq!(
+        moved.transcript, oa_transcript,
+        "the uninterrupted run's transcript"
+    );
+    assert_eq!(moved.repeated_results, Vec::<u64>::new(), "no result twice");
+    let stored = testkit::failover::stored_chunks(&system, moved.session_id).await;
+    let frames = moved.acked_at.len() as u64;
+    assert_eq!(stored, (0..frames).collect::<Vec<_>>(), "every chunk once");
+    assert!(moved.acked_at.iter().all(Option::is_some));
     let survivor = survivor.unwrap_or_else(|e| panic!("{e}\n{}", system.all_logs()));
     let wer = word_error_rate(b, &survivor.transcript);
     println!(

@@ -76,7 +76,7 @@ impl Proc {
         match self.args.get(1)?.as_str() {
             "recognizer" => flag("--worker-id="),
             "orchestrator" => flag("--replica-id="),
-            "ingest" => Some("ingest".to_string()),
+            "ingest" | "projector" => Some(self.args[1].clone()),
             _ => None,
         }
     }
@@ -238,7 +238,9 @@ impl Up {
                 format!("--namespace={namespace}"),
                 format!("--partitions={PARTITIONS}"),
                 format!("--state-dir={}", state_dir.display()),
+                format!("--projector-http-addr=127.0.0.1:{}", free_port()),
             ])
+            .env("ASR_DATABASE_SCHEMA", namespace.replace('-', "_"))
             .env("RUST_LOG", "info")
             .env_remove("ASR_SUPERVISOR_PID")
             .stdout(Stdio::null())
@@ -360,6 +362,15 @@ impl Up {
         }
     }
 
+    /// The roles `asr up` runs as children, sorted.
+    fn roles(&self) -> Vec<String> {
+        let mut roles = vec!["ingest".to_string(), "projector".to_string()];
+        roles.extend((1..=ORCHESTRATORS).map(|i| format!("orchestrator-{i}")));
+        roles.extend(self.worker_ids());
+        roles.sort();
+        roles
+    }
+
     /// Waits until ingest accepts connections and every recognizer is registered;
     /// returns the children by role.
     async fn wait_ready(&mut self) -> BTreeMap<String, Proc> {
@@ -370,10 +381,7 @@ impl Up {
             .await;
         println!("asr up ready in {took:.2?}");
         let kids = self.children();
-        let mut roles = vec!["ingest".to_string()];
-        roles.extend((1..=ORCHESTRATORS).map(|i| format!("orchestrator-{i}")));
-        roles.extend(self.worker_ids());
-        roles.sort();
+        let roles = self.roles();
         assert_eq!(
             kids.keys().cloned().collect::<Vec<_>>(),
             roles,
@@ -383,8 +391,8 @@ impl Up {
     }
 
     /// Stops `asr up` if it still runs (and SIGKILLs any child that outlived it), then
-    /// removes the namespace's streams and Redis keys, its state folder, and the log
-    /// unless `keep_log`.
+    /// removes the namespace's streams, Redis keys and read-model schema, its state
+    /// folder, and the log unless `keep_log`.
     async fn cleanup(self, keep_log: bool) {
         let (namespace, log) = (self.namespace.clone(), self.log.clone());
         let _ = std::fs::remove_dir_all(&self.state_dir);
@@ -412,6 +420,11 @@ impl Up {
             let mut del = vec!["DEL"];
             del.extend(keys.iter().map(String::as_str));
             redis(&del);
+        }
+        if let Ok(pool) = sqlx::PgPool::connect(testkit::system::DATABASE_URL).await {
+            let schema = namespace.replace('-', "_");
+            let drop = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+            let _ = sqlx::query(&drop).execute(&pool).await;
         }
         if keep_log {
             eprintln!("asr up's log: {}", log.display());
@@ -578,10 +591,7 @@ async fn children_die_with_a_sigkilled_asr_up() {
 async fn children_die_with_a_sigkilled_asr_up_even_while_they_start() {
     with_up(2, async |up| {
         // As soon as both recognizers run, and long before their model is loaded.
-        let mut roles = vec!["ingest".to_string()];
-        roles.extend((1..=ORCHESTRATORS).map(|i| format!("orchestrator-{i}")));
-        roles.extend(up.worker_ids());
-        roles.sort();
+        let roles = up.roles();
         up.wait_until(
             "asr up starts its children",
             Duration::from_secs(60),

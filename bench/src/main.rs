@@ -31,6 +31,13 @@
 //!
 //! `asr-bench leader --kills 20`: how long the system is without an orchestrator
 //! leader when the leader is SIGKILLed (see `leader`).
+//!
+//! `asr-bench resume --resumes 50`: from a client's reconnect to the session resumed
+//! and to the first result it missed (see `resume`).
+//!
+//! `asr-bench catchup --sessions 100 --minutes 10` and `asr-bench audit --sessions
+//! 100000`: the projector catching up on a backlog, and the audit API's queries (see
+//! `projector`).
 
 mod decode;
 mod failover;
@@ -39,6 +46,8 @@ mod idle;
 mod ingest_load;
 mod layout;
 mod leader;
+mod projector;
+mod resume;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -98,6 +107,27 @@ enum Command {
         /// The leader lock's lease (ASR_ORCHESTRATOR_LEASE_MS).
         #[arg(long, default_value_t = 500)]
         lease_ms: u64,
+    },
+    /// The projector catching up on a backlog of synthetic sessions.
+    Catchup {
+        #[arg(long, default_value_t = 100)]
+        sessions: usize,
+        /// Minutes of audio per session.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
+    /// Audit API queries over a large read model.
+    Audit {
+        #[arg(long, default_value_t = 100_000)]
+        sessions: u64,
+        /// Requests per query kind.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+    },
+    /// From a client's reconnect to its session resumed and its first missed result.
+    Resume {
+        #[arg(long, default_value_t = 50)]
+        resumes: usize,
     },
     /// Memory per open, idle session on one ingest node, and the opening rate.
     Idle {
@@ -236,6 +266,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Failover(args) => failover::run(&asr_binary()?, args).await,
         Command::Leader { kills, lease_ms } => leader::run(&asr_binary()?, kills, lease_ms).await,
+        Command::Resume { resumes } => resume::run(&asr_binary()?, resumes).await,
+        Command::Catchup { sessions, minutes } => {
+            projector::catchup(&asr_binary()?, sessions, minutes).await
+        }
+        Command::Audit { sessions, requests } => {
+            projector::audit(&asr_binary()?, sessions, requests).await
+        }
         Command::Idle {
             sessions,
             concurrency,

@@ -13,15 +13,10 @@ fn default_worker_id() -> String {
     format!("recognizer-{:08x}", rand::random::<u32>())
 }
 
+/// The model files and decoder settings: shared by the worker and offline decoding
+/// (`asr replay --retranscribe`), which must decode alike.
 #[derive(Args, Clone, Debug)]
-pub struct RecognizerArgs {
-    /// This worker's id (stable across restarts if you want the orchestrator to see a
-    /// restart as the same worker).
-    #[arg(long, env = "ASR_WORKER_ID", default_value_t = default_worker_id())]
-    pub worker_id: String,
-    /// The model this worker serves (what sessions ask for).
-    #[arg(long, env = "ASR_MODEL_NAME", default_value = "whisper-tiny.en")]
-    pub model_name: String,
+pub struct ModelArgs {
     /// Folder with the Whisper tiny.en int8 files (deploy/runtime.sh puts them here).
     #[arg(
         long,
@@ -36,9 +31,6 @@ pub struct RecognizerArgs {
         default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../.runtime/models/silero_vad.onnx")
     )]
     pub vad_model: PathBuf,
-    /// Sessions served at once (they share one loaded model).
-    #[arg(long, env = "ASR_RECOGNIZER_CAPACITY", default_value_t = 1)]
-    pub capacity: u32,
     /// Decoder threads. Fixed, which also keeps decoding deterministic.
     #[arg(long, env = "ASR_RECOGNIZER_THREADS", default_value_t = 2)]
     pub threads: u16,
@@ -50,6 +42,31 @@ pub struct RecognizerArgs {
         default_value_t = DEFAULT_TAIL_PADDING_FRAMES
     )]
     pub tail_padding_frames: u16,
+}
+
+impl ModelArgs {
+    pub fn whisper(&self) -> WhisperSettings {
+        WhisperSettings {
+            threads: self.threads,
+            tail_padding_frames: self.tail_padding_frames,
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct RecognizerArgs {
+    /// This worker's id (stable across restarts if you want the orchestrator to see a
+    /// restart as the same worker).
+    #[arg(long, env = "ASR_WORKER_ID", default_value_t = default_worker_id())]
+    pub worker_id: String,
+    /// The model this worker serves (what sessions ask for).
+    #[arg(long, env = "ASR_MODEL_NAME", default_value = "whisper-tiny.en")]
+    pub model_name: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Sessions served at once (they share one loaded model).
+    #[arg(long, env = "ASR_RECOGNIZER_CAPACITY", default_value_t = 1)]
+    pub capacity: u32,
     /// How often the open segment is re-decoded for a partial (0 disables partials).
     #[arg(
         long,
@@ -57,6 +74,11 @@ pub struct RecognizerArgs {
         default_value_t = 600
     )]
     pub partial_interval_ms: u64,
+    /// A session whose input stays silent this long (no audio, no end of stream) is
+    /// completed with what was received: its client dropped and did not resume. Longer
+    /// than clients keep reconnecting (`asr transcribe`: 60 s).
+    #[arg(long, env = "ASR_RECOGNIZER_ABANDON_AFTER_SECS", default_value_t = 120)]
+    pub abandon_after_secs: u64,
     /// Heartbeat period towards the orchestrator.
     #[arg(long, env = "ASR_HEARTBEAT_INTERVAL_MS", default_value_t = 200)]
     pub heartbeat_interval_ms: u64,
@@ -72,11 +94,8 @@ impl RecognizerArgs {
         (self.partial_interval_ms > 0).then(|| Duration::from_millis(self.partial_interval_ms))
     }
 
-    pub fn whisper(&self) -> WhisperSettings {
-        WhisperSettings {
-            threads: self.threads,
-            tail_padding_frames: self.tail_padding_frames,
-        }
+    pub fn abandon_after(&self) -> Duration {
+        Duration::from_secs(self.abandon_after_secs.max(1))
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
@@ -103,7 +122,11 @@ mod tests {
         assert_eq!(args.worker_id.len(), "recognizer-".len() + 8);
         assert_eq!(args.capacity, 1);
         assert_eq!(args.partial_interval(), Some(Duration::from_millis(600)));
-        assert!(args.model_dir.ends_with(".runtime/models/whisper-tiny.en"));
+        assert!(
+            args.model
+                .model_dir
+                .ends_with(".runtime/models/whisper-tiny.en")
+        );
         assert_eq!(args.http_addr.port(), 0);
     }
 }

@@ -15,6 +15,7 @@
 pub mod audio;
 pub mod config;
 pub mod engine;
+pub mod offline;
 pub mod segmenter;
 pub mod worker;
 

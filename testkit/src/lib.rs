@@ -1,19 +1,23 @@
 //! Test support shared by the workspace's tests (never linked into a release binary).
 //!
 //! - [`speech`]: real English speech synthesised with espeak-ng and converted by sox;
-//! - [`wer`]: word error rate between a reference and a hypothesis;
+//! - [`wer`]: word error rate between a reference and a hypothesis (`client::words`);
 //! - [`system`]: runs the pipeline's roles as separate OS processes of the built `asr`
 //!   binary, each test in a namespace (streams, Redis keys) and on ports of its own;
 //! - [`failover`]: driving a session through recognizer failures (stream and watch it,
 //!   who holds it, kill moments inside speech, the no-failure reference, its results
 //!   read back from the log), for the failover tests and benchmarks;
-//! - [`serial`]: one-at-a-time execution for tests that spawn processes or load the model.
+//! - [`serial`]: one-at-a-time execution for tests that spawn processes or load the model;
+//! - [`proxy`]: a TCP proxy whose connections a test cuts, for dropped connections;
+//! - [`synthetic`]: sessions written straight to the streams, for the projector.
 
 pub mod failover;
+pub mod proxy;
 pub mod serial;
 pub mod speech;
+pub mod synthetic;
 pub mod system;
-pub mod wer;
+pub use client::words as wer;
 
 /// Makes `url` the orchestrator leader of `namespace`, the way an elected replica
 /// announces itself, so that a test's fake orchestrator is found by the real clients.

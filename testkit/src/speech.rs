@@ -80,21 +80,9 @@ pub fn to_f32(samples: &[i16]) -> Vec<f32> {
     samples.iter().map(|s| f32::from(*s) / 32768.0).collect()
 }
 
-/// Writes a recording as a WAV file (16-bit recordings only).
+/// Writes a recording as a WAV file.
 pub fn write_wav(recording: &Recording, path: &Path) {
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: recording.format.sample_rate,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
-    let mut writer = hound::WavWriter::create(path, spec).expect("create wav");
-    for pair in recording.pcm.chunks_exact(2) {
-        writer
-            .write_sample(i16::from_le_bytes([pair[0], pair[1]]))
-            .expect("write sample");
-    }
-    writer.finalize().expect("finish wav");
+    recording.write(path).expect("write wav");
 }
 
 /// The samples of a 16-bit WAV file.

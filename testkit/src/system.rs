@@ -36,6 +36,9 @@ pub struct SystemConfig {
     pub partitions: u16,
     /// Extra environment for every process.
     pub env: Vec<(String, String)>,
+    /// Run `asr projector` too, into a PostgreSQL schema of the system's own
+    /// ([`System::database_schema`]).
+    pub projector: bool,
 }
 
 impl Default for SystemConfig {
@@ -47,6 +50,7 @@ impl Default for SystemConfig {
             redis_db: 0,
             partitions: 4,
             env: Vec::new(),
+            projector: false,
         }
     }
 }
@@ -78,6 +82,9 @@ pub fn ingest_role(i: usize) -> String {
     }
 }
 
+/// The PostgreSQL database `deploy/services.sh` sets up (the projector's default).
+pub const DATABASE_URL: &str = "postgres://asr:asr@127.0.0.1:5432/asr_test";
+
 /// The tenant a test system's sessions belong to.
 pub const TEST_TENANT: &str = "test";
 
@@ -90,6 +97,10 @@ pub struct System {
     pub api_key: String,
     /// `redis://…/{db}`, as every process of the system is given it.
     pub redis_url: String,
+    /// The projector's schema (the namespace, as an identifier), dropped at the end.
+    pub database_schema: String,
+    /// The projector's HTTP port (its audit API), when it runs.
+    pub projector_port: Option<u16>,
     pub processes: Vec<Process>,
     bin: PathBuf,
     logs: PathBuf,
@@ -106,12 +117,18 @@ impl System {
         std::fs::create_dir_all(&logs).expect("log dir");
         let redis_url = format!("redis://127.0.0.1:6379/{}", config.redis_db);
         let api_key = format!("test-{}", uuid::Uuid::new_v4().simple());
+        let database_schema = namespace.replace('-', "_");
         let mut env = vec![
             (
                 "ASR_API_KEYS".to_string(),
                 format!("{TEST_TENANT}={api_key}"),
             ),
             ("ASR_NAMESPACE".to_string(), namespace.clone()),
+            ("ASR_DATABASE_SCHEMA".to_string(), database_schema.clone()),
+            (
+                "ASR_RESUME_SECRET".to_string(),
+                uuid::Uuid::new_v4().simple().to_string(),
+            ),
             ("ASR_PARTITIONS".to_string(), config.partitions.to_string()),
             ("ASR_REDIS_URL".to_string(), redis_url.clone()),
             ("RUST_LOG".to_string(), "info".to_string()),
@@ -123,6 +140,8 @@ impl System {
             ingest_ports: (0..config.ingests.max(1)).map(|_| free_port()).collect(),
             api_key,
             redis_url,
+            database_schema,
+            projector_port: None,
             processes: Vec::new(),
             bin: bin.to_path_buf(),
             logs,
@@ -155,6 +174,12 @@ impl System {
                 &["ingest".into(), format!("--listen=127.0.0.1:{port}")],
             );
         }
+        if config.projector {
+            let port = free_port();
+            let http = format!("--http-addr=127.0.0.1:{port}");
+            system.spawn("projector", &["projector".into(), http]);
+            system.projector_port = Some(port);
+        }
         for i in 0..config.recognizers {
             system
                 .start_recognizer(&format!("recognizer-{}", i + 1))
@@ -179,7 +204,7 @@ impl System {
     /// How a client streams to this system: its ingest URL and its tenant's key.
     pub fn stream_options(&self) -> StreamOptions {
         StreamOptions {
-            url: self.ws_url(),
+            urls: vec![self.ws_url()],
             api_key: Some(Secret(self.api_key.clone())),
             ..StreamOptions::default()
         }
@@ -256,6 +281,33 @@ impl System {
             .unwrap_or_else(|| panic!("{role} never ran"));
         let (args, env) = (last.args.clone(), last.env.clone());
         self.spawn_with(role, &args, &env);
+    }
+
+    /// SIGKILLs every running process of the system, all at once: a whole-system
+    /// crash. Returns the roles that were running, in the order they started.
+    pub async fn kill_all(&mut self) -> Vec<String> {
+        let mut roles = Vec::new();
+        for process in &mut self.processes {
+            if process.child.id().is_some() {
+                let _ = process.child.start_kill();
+                roles.push(process.role.clone());
+            }
+        }
+        for process in &mut self.processes {
+            let _ = process.child.wait().await;
+        }
+        roles
+    }
+
+    /// Starts `roles` again, as [`restart`](Self::restart) does, orchestrators first;
+    /// returns once the ingest nodes accept connections again.
+    pub async fn restart_all(&mut self, roles: &[String]) {
+        for role in roles {
+            self.restart(role).await;
+        }
+        for (i, port) in self.ingest_ports.clone().into_iter().enumerate() {
+            self.wait_for_port(port, &ingest_role(i)).await;
+        }
     }
 
     /// Which worker holds the session under which epoch, from the orchestrator's
@@ -408,6 +460,12 @@ impl System {
                 let _: redis::RedisResult<()> =
                     redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
             }
+        }
+        if self.processes.iter().any(|p| p.role == "projector")
+            && let Ok(pool) = sqlx::PgPool::connect(DATABASE_URL).await
+        {
+            let drop = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.database_schema);
+            let _ = sqlx::query(&drop).execute(&pool).await;
         }
         let _ = std::fs::remove_dir_all(&self.logs);
     }

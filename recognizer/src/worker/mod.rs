@@ -34,8 +34,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::audio::parse_encoding;
 use crate::config::RecognizerArgs;
-use crate::engine::VadFactory;
-use crate::engine::sherpa::{SileroVadFactory, VadSettings, WhisperModel};
+use crate::engine::sherpa::{SileroVadFactory, WhisperModel};
 pub use session::{Assignment, SessionError};
 
 /// Upper bound of a result message (text of at most a 20 s segment, plus the header).
@@ -65,6 +64,8 @@ pub(crate) struct Ctx {
     model: WhisperModel,
     vads: SileroVadFactory,
     partial_interval: Option<Duration>,
+    /// Input silence after which a session counts as abandoned.
+    abandon_after: Duration,
     /// One long-lived producer per results partition.
     appenders: tokio::sync::Mutex<HashMap<u16, Appender>>,
 }
@@ -215,17 +216,12 @@ pub async fn run(
     let layout = args.shared.layout();
 
     let started = Instant::now();
-    let (dir, whisper) = (args.model_dir.clone(), args.whisper());
-    let model = tokio::task::spawn_blocking(move || WhisperModel::load(&dir, whisper))
-        .await?
-        .context("loading the Whisper model")?;
-    let vads = SileroVadFactory::new(VadSettings::new(args.vad_model.clone()))?;
-    vads.create().context("loading the silero VAD model")?;
+    let (model, vads) = args.model.load().await?;
     info!(
         model = %args.model_name,
-        dir = %args.model_dir.display(),
-        threads = args.threads,
-        tail_padding_frames = args.tail_padding_frames,
+        dir = %args.model.model_dir.display(),
+        threads = args.model.threads,
+        tail_padding_frames = args.model.tail_padding_frames,
         load_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
@@ -257,6 +253,7 @@ pub async fn run(
         model,
         vads,
         partial_interval: args.partial_interval(),
+        abandon_after: args.abandon_after(),
         appenders: tokio::sync::Mutex::new(HashMap::new()),
     });
     let worker = Arc::new(Worker {

@@ -181,7 +181,12 @@ pub(crate) async fn run(
         partials,
     };
 
-    while let Some(record) = reader.next().await {
+    loop {
+        let Ok(next) = tokio::time::timeout(run.ctx.abandon_after, reader.next()).await else {
+            warn!(%session, after = ?run.ctx.abandon_after, "no input: the client left and did not resume; completing what was received");
+            return run.complete().await;
+        };
+        let Some(record) = next else { break };
         let Record { offset, envelope } = record?;
         match envelope.event {
             Event::SessionOpened { format, .. } if !opened => {
