@@ -1,8 +1,11 @@
 //! `asr`: the one binary of the pipeline. Each role runs as its own process
-//! (`asr ingest`, `asr orchestrator`, `asr recognizer`); `asr up` supervises all of them
-//! on one machine; `asr transcribe` streams a WAV file through a running system.
+//! (`asr ingest`, `asr orchestrator`, `asr recognizer`, `asr projector`); `asr up`
+//! supervises all of them on one machine; `asr transcribe` streams a WAV file through a
+//! running system; `asr sessions` and `asr replay` read the audit trail.
 
 mod local_key;
+mod replay;
+mod sessions;
 mod shutdown;
 mod transcribe;
 mod up;
@@ -31,6 +34,13 @@ enum Command {
     Orchestrator(orchestrator::OrchestratorArgs),
     /// Run a recognition worker.
     Recognizer(recognizer::RecognizerArgs),
+    /// Run the projector: the event streams into PostgreSQL read models.
+    Projector(projector::ProjectorArgs),
+    /// An archived session: its audio as a WAV file (`--wav`), or decoded again and
+    /// compared with the transcript of record (`--retranscribe`).
+    Replay(replay::ReplayArgs),
+    /// List and show sessions through the audit API, as the key's tenant.
+    Sessions(sessions::SessionsArgs),
     /// Stream a WAV file (16-bit or float PCM, 8/16/48 kHz) to ingest and print the
     /// transcript.
     Transcribe(transcribe::TranscribeArgs),
@@ -48,6 +58,9 @@ fn main() -> anyhow::Result<()> {
             Command::Ingest(args) => ingest::run(args, shutdown::signal()).await,
             Command::Orchestrator(args) => orchestrator::run(args, shutdown::signal()).await,
             Command::Recognizer(args) => recognizer::run(args, shutdown::signal()).await,
+            Command::Projector(args) => projector::run(args, shutdown::signal()).await,
+            Command::Replay(args) => replay::run(args).await,
+            Command::Sessions(args) => sessions::run(args).await,
             Command::Transcribe(args) => transcribe::run(args).await,
         }
     })

@@ -47,6 +47,14 @@ pub struct UpArgs {
     /// The first recognizer serves its metrics/health on this port, the next on port + 1, ….
     #[arg(long, env = "ASR_RECOGNIZER_BASE_PORT", default_value_t = 9201)]
     recognizer_base_port: u16,
+    /// The projector's metrics/health address (it writes the read models to
+    /// ASR_DATABASE_URL, schema ASR_DATABASE_SCHEMA).
+    #[arg(
+        long,
+        env = "ASR_PROJECTOR_HTTP_ADDR",
+        default_value = "127.0.0.1:9301"
+    )]
+    projector_http_addr: SocketAddr,
     #[command(flatten)]
     state: StateDir,
     #[command(flatten)]
@@ -60,7 +68,8 @@ struct Role {
 }
 
 impl UpArgs {
-    fn roles(&self) -> (Vec<Role>, Role, Vec<Role>) {
+    /// Orchestrators (started first), then ingest, the projector and the recognizers.
+    fn roles(&self) -> (Vec<Role>, Vec<Role>, Vec<Role>) {
         let shifted = |addr: SocketAddr, by: u16| SocketAddr::new(addr.ip(), addr.port() + by);
         let orchestrators = (0..self.orchestrators)
             .map(|i| Role {
@@ -73,10 +82,19 @@ impl UpArgs {
                 ],
             })
             .collect();
-        let ingest = Role {
-            name: "ingest".into(),
-            args: vec!["ingest".into(), format!("--listen={}", self.listen)],
-        };
+        let services = vec![
+            Role {
+                name: "ingest".into(),
+                args: vec!["ingest".into(), format!("--listen={}", self.listen)],
+            },
+            Role {
+                name: "projector".into(),
+                args: vec![
+                    "projector".into(),
+                    format!("--http-addr={}", self.projector_http_addr),
+                ],
+            },
+        ];
         let recognizers = (0..self.recognizers)
             .map(|i| Role {
                 name: format!("recognizer-{}", i + 1),
@@ -87,7 +105,7 @@ impl UpArgs {
                 ],
             })
             .collect();
-        (orchestrators, ingest, recognizers)
+        (orchestrators, services, recognizers)
     }
 }
 
@@ -96,8 +114,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let keys_file = args.state.ensure_local_key()?;
     let mut env: Vec<(&'static str, String)> = args.shared.to_env();
     env.push(("ASR_API_KEYS_FILE", keys_file.display().to_string()));
+    if std::env::var_os("ASR_RESUME_SECRET").is_none() {
+        env.push(("ASR_RESUME_SECRET", args.state.ensure_resume_secret()?));
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (orchestrators, ingest, recognizers) = args.roles();
+    let (orchestrators, services, recognizers) = args.roles();
 
     let spawn = |role: Role| {
         let (exe, env, stop) = (exe.clone(), env.clone(), stop_rx.clone());
@@ -105,7 +126,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     let mut tasks: Vec<_> = orchestrators.into_iter().map(spawn).collect();
     wait_for_port(args.grpc_addr, "orchestrator-1").await?;
-    tasks.push(spawn(ingest));
+    tasks.extend(services.into_iter().map(spawn));
     tasks.extend(recognizers.into_iter().map(spawn));
     wait_for_port(args.listen, "ingest").await?;
     tracing::info!(

@@ -15,6 +15,7 @@ pub mod config;
 pub mod discovery;
 pub mod leadership;
 pub mod registry;
+pub mod scaling;
 pub mod server;
 pub mod service;
 mod telemetry;
