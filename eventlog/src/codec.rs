@@ -226,6 +226,22 @@ mod tests {
                 reason: "stream closed".into(),
                 token: 4,
             },
+            Event::ScalingDecided {
+                model: "m".into(),
+                policy: "predictive".into(),
+                workers: 3,
+                token: 4,
+            },
+            Event::WorkerDraining {
+                worker: "w".into(),
+                draining: true,
+                token: 4,
+            },
+            Event::WorkerRetired {
+                worker: "w".into(),
+                moved: 1,
+                token: 4,
+            },
             Event::Heartbeat {
                 worker: "w".into(),
                 model: "m".into(),

@@ -180,6 +180,26 @@ pub enum Event {
         reason: String,
         token: u64,
     },
+    /// The autoscaler changed how many workers it wants for a model (`policy` decided).
+    ScalingDecided {
+        model: String,
+        policy: String,
+        workers: u32,
+        token: u64,
+    },
+    /// A worker takes no new sessions (`draining`), or takes them again.
+    WorkerDraining {
+        worker: String,
+        draining: bool,
+        token: u64,
+    },
+    /// A drained worker was removed and told to stop; `moved` sessions it still served
+    /// went back to the queue, to resume elsewhere from their checkpoints.
+    WorkerRetired {
+        worker: String,
+        moved: u32,
+        token: u64,
+    },
 
     // --- heartbeat stream, written by the orchestrator leader on behalf of workers ---
     Heartbeat {
@@ -214,6 +234,9 @@ impl Event {
             | Event::SessionQueued { token, .. }
             | Event::WorkerReleased { token, .. }
             | Event::WorkerLost { token, .. }
+            | Event::ScalingDecided { token, .. }
+            | Event::WorkerDraining { token, .. }
+            | Event::WorkerRetired { token, .. }
             | Event::Heartbeat { token, .. } => Some(*token),
             _ => None,
         }

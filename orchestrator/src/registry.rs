@@ -59,6 +59,8 @@ pub struct WorkerRecord {
     pub last_heartbeat_ms: u64,
     /// Assigned sessions, sorted.
     pub sessions: Vec<SessionId>,
+    /// Chosen by the autoscaler for removal: it takes no new sessions.
+    pub draining: bool,
 }
 
 impl WorkerRecord {
@@ -256,6 +258,10 @@ impl Registry {
         format!("{}:queue:{model}", self.ns)
     }
 
+    fn local_workers_key(&self, model: &str) -> String {
+        format!("{}:local:{model}:workers", self.ns)
+    }
+
     /// Round-trips to Redis (readiness).
     pub async fn ping(&self) -> Result<(), RegistryError> {
         let _: String = redis::cmd("PING")
@@ -279,6 +285,7 @@ impl Registry {
                     ("metrics_addr", worker.metrics_addr.clone()),
                     ("registered_at_ms", worker.registered_at_ms.to_string()),
                     ("last_heartbeat_ms", worker.last_heartbeat_ms.to_string()),
+                    ("draining", u8::from(worker.draining).to_string()),
                 ],
             )
             .sadd(self.workers_key(), &worker.id)
@@ -312,6 +319,8 @@ impl Registry {
             registered_at_ms: hash.number("registered_at_ms")?,
             last_heartbeat_ms: hash.number("last_heartbeat_ms")?,
             sessions,
+            // Absent in records written before draining existed.
+            draining: hash.fields.get("draining").is_some_and(|v| v == "1"),
         }))
     }
 
@@ -341,6 +350,57 @@ impl Registry {
         }
         records.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(records)
+    }
+
+    /// Marks a registered worker draining (no new sessions) or serving again.
+    pub async fn set_draining(&self, id: &str, draining: bool) -> Result<(), RegistryError> {
+        let mut pipe = redis::pipe();
+        pipe.hset(self.worker_key(id), "draining", u8::from(draining));
+        self.commit(&pipe).await?;
+        Ok(())
+    }
+
+    /// The worker ids the local-process backend wants running for `model` (what
+    /// `asr up --autoscale` keeps running).
+    pub async fn local_workers(&self, model: &str) -> Result<Vec<String>, RegistryError> {
+        let mut ids: Vec<String> = self
+            .redis
+            .clone()
+            .smembers(self.local_workers_key(model))
+            .await?;
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Seeds the local-process backend's worker set, unless it already has one (a
+    /// restart keeps what the autoscaler decided). Not fenced: `asr up` calls it before
+    /// any leader exists, and SADD of the same ids is harmless.
+    pub async fn seed_local_workers(&self, model: &str, ids: &[String]) -> Result<(), RegistryError> {
+        let key = self.local_workers_key(model);
+        let exists: bool = self.redis.clone().exists(&key).await?;
+        if !exists && !ids.is_empty() {
+            let _: () = self.redis.clone().sadd(&key, ids).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds ids to, or removes them from, the local-process backend's worker set.
+    pub async fn change_local_workers(
+        &self,
+        model: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<(), RegistryError> {
+        let key = self.local_workers_key(model);
+        let mut pipe = redis::pipe();
+        for id in add {
+            pipe.sadd(&key, id);
+        }
+        for id in remove {
+            pipe.srem(&key, id);
+        }
+        self.commit(&pipe).await?;
+        Ok(())
     }
 
     /// Records a heartbeat; `false` when the worker is not registered.

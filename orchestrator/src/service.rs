@@ -223,6 +223,96 @@ impl WorkerManagerService {
         Ok(())
     }
 
+    /// Stops giving `worker` new sessions (`draining`), or starts again. `false` when
+    /// the worker is not registered.
+    pub async fn set_draining(&self, worker: &str, draining: bool) -> Result<bool, ServiceError> {
+        let inner = &self.inner;
+        let connections = inner.connections.lock().await;
+        let Some(record) = inner.registry.worker(worker).await? else {
+            return Ok(false);
+        };
+        if record.draining == draining {
+            return Ok(true);
+        }
+        inner
+            .append_control(
+                None,
+                Event::WorkerDraining {
+                    worker: worker.to_string(),
+                    draining,
+                    token: inner.token(),
+                },
+            )
+            .await?;
+        inner.registry.set_draining(worker, draining).await?;
+        info!(worker, draining, sessions = record.sessions.len(), "worker draining changed");
+        if !draining {
+            inner.serve_queue(&connections, &record.model).await?;
+        }
+        Ok(true)
+    }
+
+    /// Removes a drained worker and tells it to stop. Sessions it still serves (the
+    /// drain timed out) go back to the head of the queue and are revoked on the
+    /// worker: their next worker resumes them from their checkpoints, as after a
+    /// failure, so nothing is lost. Returns how many moved, `None` when the worker is
+    /// not registered.
+    pub async fn retire(&self, worker: &str) -> Result<Option<u32>, ServiceError> {
+        let inner = &self.inner;
+        let mut connections = inner.connections.lock().await;
+        let Some(record) = inner.registry.worker(worker).await? else {
+            return Ok(None);
+        };
+        let moving = inner.unfinished(&record, &[]).await?;
+        let moved = moving.len() as u32;
+        inner
+            .append_control(
+                None,
+                Event::WorkerRetired {
+                    worker: worker.to_string(),
+                    moved,
+                    token: inner.token(),
+                },
+            )
+            .await?;
+        inner.remove(&record, &moving).await?;
+        if let Some(connection) = connections.remove(worker) {
+            for session in &moving {
+                revoke(&connection.commands, session.id, session.epoch);
+            }
+            let _ = connection.commands.send(Ok(WorkerCommand {
+                command: Some(worker_command::Command::Stop(api::Stop {
+                    reason: format!("drained and retired ({moved} sessions moved)"),
+                })),
+            }));
+        }
+        info!(worker, moved, "worker retired");
+        inner.serve_queue(&connections, &record.model).await?;
+        Ok(Some(moved))
+    }
+
+    /// Logs an autoscaler decision on the control stream.
+    pub async fn log_scaling(
+        &self,
+        model: &str,
+        policy: &str,
+        workers: u32,
+    ) -> Result<(), ServiceError> {
+        let inner = &self.inner;
+        inner
+            .append_control(
+                None,
+                Event::ScalingDecided {
+                    model: model.to_string(),
+                    policy: policy.to_string(),
+                    workers,
+                    token: inner.token(),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Ends every worker stream without marking anyone lost, so a graceful shutdown
     /// does not wait on streams that never finish. The workers re-register elsewhere.
     pub async fn disconnect_all(&self) {
@@ -425,13 +515,14 @@ impl Inner {
         connections: &Connections,
         model: &str,
     ) -> Result<Vec<(SessionId, String, u64)>, ServiceError> {
-        // Only connected workers can be told about an assignment.
+        // Only connected workers can be told about an assignment, and draining ones
+        // take no new sessions.
         let mut loads: HashMap<String, WorkerLoad> = self
             .registry
             .workers_of(model)
             .await?
             .iter()
-            .filter(|w| connections.contains_key(&w.id))
+            .filter(|w| connections.contains_key(&w.id) && !w.draining)
             .map(|w| (w.id.clone(), w.load()))
             .collect();
         let free: u32 = loads.values().map(WorkerLoad::free_slots).sum();
@@ -592,7 +683,10 @@ impl Inner {
             }
         }
         connections.remove(&request.worker_id);
-        if let Some(previous) = self.registry.worker(&request.worker_id).await? {
+        let previous = self.registry.worker(&request.worker_id).await?;
+        // A draining worker stays draining through a re-registration (a new leader).
+        let draining = previous.as_ref().is_some_and(|p| p.draining);
+        if let Some(previous) = previous {
             // The same id again: a new process (whatever the old one held moves on,
             // with a new epoch) or the same one after its stream broke (a new leader,
             // Redis lost its data: what it still serves stays).
@@ -628,6 +722,7 @@ impl Inner {
             registered_at_ms: now,
             last_heartbeat_ms: now,
             sessions: Vec::new(),
+            draining,
         };
         self.registry.put_worker(&record).await?;
         let (commands, receiver) = mpsc::unbounded_channel();

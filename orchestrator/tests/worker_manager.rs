@@ -782,6 +782,7 @@ async fn a_deposed_leaders_registry_writes_nothing() {
         registered_at_ms: 0,
         last_heartbeat_ms: 0,
         sessions: Vec::new(),
+        draining: false,
     };
 
     // Not leading at all: refused without asking Redis.

@@ -14,6 +14,7 @@ pub mod tracking;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ use eventlog::streams::StreamLayout;
 use eventlog::{AudioFormat, Envelope, Event, SessionId, now_ms};
 use orchestrator::api::worker_command::Command;
 use orchestrator::api::{
-    Assign, RegisterWorkerRequest, ReleaseWorkerRequest, Revoke, SendHeartbeatRequest,
+    Assign, RegisterWorkerRequest, ReleaseWorkerRequest, Revoke, SendHeartbeatRequest, Stop,
     SessionProgress,
 };
 use orchestrator::discovery::LeaderClient;
@@ -319,14 +320,19 @@ fn arm_failpoints() -> anyhow::Result<()> {
 }
 
 impl Worker {
-    /// Keeps the registration stream open for the process's life.
+    /// Keeps the registration stream open for the process's life, or until the
+    /// orchestrator says stop (a drained worker retired by the autoscaler).
     async fn registration(self: Arc<Self>) {
         let mut backoff = REGISTER_BACKOFF_MIN;
         let mut failing = false;
         loop {
             let opened = Instant::now();
             match self.register_once().await {
-                Ok(()) => {
+                Ok(ControlFlow::Break(reason)) => {
+                    info!(%reason, "stopped by the orchestrator: exiting");
+                    return;
+                }
+                Ok(ControlFlow::Continue(())) => {
                     failing = false;
                     warn!("the registration stream ended: registering again")
                 }
@@ -348,7 +354,9 @@ impl Worker {
         }
     }
 
-    async fn register_once(&self) -> Result<(), tonic::Status> {
+    /// One registration stream, until it ends (`Continue`: register again) or the
+    /// orchestrator says stop (`Break` with its reason).
+    async fn register_once(&self) -> Result<ControlFlow<String>, tonic::Status> {
         let request = RegisterWorkerRequest {
             worker_id: self.args.worker_id.clone(),
             model_name: self.args.model_name.clone(),
@@ -369,15 +377,19 @@ impl Worker {
         loop {
             tokio::select! {
                 message = commands.message() => match message? {
-                    Some(command) => self.handle(command.command),
-                    None => return Ok(()),
+                    Some(command) => {
+                        if let ControlFlow::Break(reason) = self.handle(command.command) {
+                            return Ok(ControlFlow::Break(reason));
+                        }
+                    }
+                    None => return Ok(ControlFlow::Continue(())),
                 },
-                () = self.reregister.notified() => return Ok(()),
+                () = self.reregister.notified() => return Ok(ControlFlow::Continue(())),
             }
         }
     }
 
-    fn handle(&self, command: Option<Command>) {
+    fn handle(&self, command: Option<Command>) -> ControlFlow<String> {
         match command {
             Some(Command::Assign(assign)) => match parse_assign(&assign) {
                 Ok(a) => self.start(a),
@@ -400,8 +412,10 @@ impl Worker {
                     }
                 }
             }
+            Some(Command::Stop(Stop { reason })) => return ControlFlow::Break(reason),
             None => warn!("empty command from the orchestrator"),
         }
+        ControlFlow::Continue(())
     }
 
     fn start(&self, a: Assignment) {

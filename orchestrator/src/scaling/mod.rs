@@ -1,0 +1,281 @@
+//! Scaling decisions as pure values (issue 6): a model's load projection in, a desired
+//! number of workers out, and which workers to start, drain or keep. No I/O: the
+//! orchestrator's autoscaler feeds projections and acts through a backend; the
+//! simulator (`asr simulate`) drives the same code.
+//!
+//! - [`policies`]: the policies ([`IdleTarget`], [`Predictive`]);
+//! - [`Scaler`]: bounds and anti-flapping, shared by every policy;
+//! - [`fleet`]: from a desired count to the workers to start, drain or bring back;
+//! - [`ScalingArgs`]: the flags that choose and tune all of it.
+//!
+//! Every policy is bounded by the model's minimum and maximum replicas, and protected
+//! against flapping the same way: scaling up happens at once (a caller waiting is the
+//! cost), scaling down only after the lower target has held for a cool-down (a worker
+//! started is seconds of model load, not worth throwing away for a lull).
+
+pub mod fleet;
+pub mod policies;
+
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+pub use fleet::{Reconciliation, RemovalOrder, WorkerView, reconcile};
+pub use policies::{IdleTarget, Predictive};
+
+/// What the events say about one model's load at one moment: the input of a policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadProjection {
+    /// Sessions assigned to a worker.
+    pub active_sessions: u32,
+    /// Sessions waiting for a worker.
+    pub waiting_sessions: u32,
+    /// Sessions that ever arrived for the model, as far as the projection has seen: a
+    /// counter, so a policy measures arrival rates over windows of its choice.
+    pub arrivals_total: u64,
+    /// Workers registered and taking sessions (idle or busy).
+    pub workers_ready: u32,
+    /// Workers asked for and not registered yet.
+    pub workers_starting: u32,
+    /// Workers finishing their sessions before they stop; they take no new ones.
+    pub workers_draining: u32,
+    /// Sessions one worker serves at once.
+    pub capacity_per_worker: u32,
+}
+
+impl LoadProjection {
+    /// Free session slots of the ready workers.
+    pub fn idle_slots(&self) -> u32 {
+        (self.workers_ready * self.capacity_per_worker).saturating_sub(self.active_sessions)
+    }
+
+    /// Workers needed to offer `slots` session slots.
+    pub fn workers_for(&self, slots: u32) -> u32 {
+        slots.div_ceil(self.capacity_per_worker.max(1))
+    }
+}
+
+/// A policy's raw wish: how many workers it wants now, before bounds and cool-down.
+pub trait ScalingPolicy {
+    fn target(&mut self, now: Duration, load: &LoadProjection) -> u32;
+}
+
+impl<P: ScalingPolicy + ?Sized> ScalingPolicy for Box<P> {
+    fn target(&mut self, now: Duration, load: &LoadProjection) -> u32 {
+        (**self).target(now, load)
+    }
+}
+
+/// Replica bounds and the cool-down that keeps a policy from flapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    pub min_workers: u32,
+    pub max_workers: u32,
+    /// How long a lower target must hold before workers are removed.
+    pub scale_down_after: Duration,
+}
+
+/// Turns a policy's wishes into decisions: bounded, up at once, down after the
+/// cool-down.
+#[derive(Debug)]
+pub struct Scaler<P> {
+    policy: P,
+    bounds: Bounds,
+    /// Since when the wish has been below the current number of workers.
+    lower_since: Option<Duration>,
+}
+
+impl<P: ScalingPolicy> Scaler<P> {
+    pub fn new(policy: P, bounds: Bounds) -> Self {
+        Self {
+            policy,
+            bounds,
+            lower_since: None,
+        }
+    }
+
+    /// The number of workers (ready and starting) the model should have now.
+    pub fn decide(&mut self, now: Duration, load: &LoadProjection) -> u32 {
+        let current = load.workers_ready + load.workers_starting;
+        let wanted = self
+            .policy
+            .target(now, load)
+            .clamp(self.bounds.min_workers, self.bounds.max_workers);
+        if wanted >= current {
+            self.lower_since = None;
+            return wanted;
+        }
+        let since = *self.lower_since.get_or_insert(now);
+        if now.saturating_sub(since) >= self.bounds.scale_down_after {
+            self.lower_since = None;
+            wanted
+        } else {
+            current.clamp(self.bounds.min_workers, self.bounds.max_workers)
+        }
+    }
+}
+
+/// The policies `--scaling-policy` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PolicyKind {
+    /// Keep `--scaling-target` free slots (the report's policy).
+    IdleTarget,
+    /// Forecast arrivals over the worker start-up time (see [`Predictive`]).
+    Predictive,
+}
+
+/// The flags that choose a policy and tune it, shared by the orchestrator and the
+/// simulator so that both run exactly the same decisions.
+#[derive(Args, Clone, Debug, PartialEq)]
+pub struct ScalingArgs {
+    #[arg(long, env = "ASR_SCALING_POLICY", value_enum, default_value_t = PolicyKind::IdleTarget)]
+    pub scaling_policy: PolicyKind,
+    /// idle-target: free session slots to keep per model (the report's SCALING_TARGET).
+    #[arg(long, env = "ASR_SCALING_TARGET", default_value_t = 1)]
+    pub scaling_target: u32,
+    /// How often the policy runs (the report's CHECK_INTERVAL).
+    #[arg(long, env = "ASR_SCALING_CHECK_INTERVAL_MS", default_value_t = 500)]
+    pub scaling_check_interval_ms: u64,
+    /// Fewest workers per model, whatever the load.
+    #[arg(long, env = "ASR_SCALING_MIN_WORKERS", default_value_t = 1)]
+    pub scaling_min_workers: u32,
+    /// Most workers per model, whatever the load.
+    #[arg(long, env = "ASR_SCALING_MAX_WORKERS", default_value_t = 16)]
+    pub scaling_max_workers: u32,
+    /// How long a lower target must hold before workers are drained.
+    #[arg(long, env = "ASR_SCALING_DOWN_AFTER_SECS", default_value_t = 60)]
+    pub scaling_down_after_secs: u64,
+    /// How long a worker takes from being asked for to taking sessions (measured:
+    /// docs/BENCHMARKS.md); the predictive policy's horizon.
+    #[arg(long, env = "ASR_WORKER_STARTUP_MS", default_value_t = 2500)]
+    pub worker_startup_ms: u64,
+    /// predictive: the margin, in standard deviations of the forecast.
+    #[arg(long, env = "ASR_PREDICTIVE_MARGIN_SIGMAS", default_value_t = 2.0)]
+    pub predictive_margin_sigmas: f64,
+    /// predictive: free slots kept even when no arrival is forecast.
+    #[arg(long, env = "ASR_PREDICTIVE_MIN_SPARE", default_value_t = 1)]
+    pub predictive_min_spare: u32,
+}
+
+impl ScalingArgs {
+    pub fn check_interval(&self) -> Duration {
+        Duration::from_millis(self.scaling_check_interval_ms.max(10))
+    }
+
+    pub fn worker_startup(&self) -> Duration {
+        Duration::from_millis(self.worker_startup_ms)
+    }
+
+    pub fn bounds(&self) -> Bounds {
+        Bounds {
+            min_workers: self.scaling_min_workers,
+            max_workers: self.scaling_max_workers.max(self.scaling_min_workers),
+            scale_down_after: Duration::from_secs(self.scaling_down_after_secs),
+        }
+    }
+
+    /// The chosen policy, bounded and protected against flapping.
+    pub fn scaler(&self) -> Scaler<Box<dyn ScalingPolicy + Send>> {
+        let policy: Box<dyn ScalingPolicy + Send> = match self.scaling_policy {
+            PolicyKind::IdleTarget => Box::new(IdleTarget {
+                idle_target: self.scaling_target,
+            }),
+            PolicyKind::Predictive => Box::new(Predictive::new(
+                self.worker_startup() + self.check_interval(),
+                self.predictive_margin_sigmas,
+                self.predictive_min_spare,
+            )),
+        };
+        Scaler::new(policy, self.bounds())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn load(active: u32, waiting: u32, ready: u32) -> LoadProjection {
+        LoadProjection {
+            active_sessions: active,
+            waiting_sessions: waiting,
+            workers_ready: ready,
+            capacity_per_worker: 2,
+            ..LoadProjection::default()
+        }
+    }
+
+    fn scaler(idle_target: u32) -> Scaler<IdleTarget> {
+        Scaler::new(
+            IdleTarget { idle_target },
+            Bounds {
+                min_workers: 1,
+                max_workers: 5,
+                scale_down_after: 30 * S,
+            },
+        )
+    }
+
+    #[test]
+    fn idle_slots_count_free_slots_of_ready_workers() {
+        assert_eq!(load(3, 0, 3).idle_slots(), 3);
+        assert_eq!(load(7, 2, 3).idle_slots(), 0);
+    }
+
+    #[test]
+    fn bounds_hold_both_ways() {
+        let mut s = scaler(0);
+        assert_eq!(s.decide(Duration::ZERO, &load(0, 0, 0)), 1, "the minimum");
+        assert_eq!(s.decide(Duration::ZERO, &load(20, 10, 5)), 5, "the maximum");
+    }
+
+    #[test]
+    fn up_at_once_down_only_after_the_cool_down() {
+        let mut s = scaler(1);
+        assert_eq!(s.decide(Duration::ZERO, &load(7, 0, 2)), 4, "up at once");
+        // The burst ends: the wish drops to 1, the workers stay for 30 s.
+        assert_eq!(s.decide(10 * S, &load(0, 0, 4)), 4);
+        assert_eq!(s.decide(39 * S, &load(0, 0, 4)), 4);
+        assert_eq!(s.decide(40 * S, &load(0, 0, 4)), 1, "down after 30 s");
+    }
+
+    #[test]
+    fn a_lull_shorter_than_the_cool_down_does_not_flap() {
+        let mut s = scaler(1);
+        assert_eq!(s.decide(Duration::ZERO, &load(5, 0, 3)), 3);
+        for t in 1..=20 {
+            // Calls come and go every few seconds: the wish swings between 1 and 3.
+            let active = if t % 2 == 0 { 5 } else { 0 };
+            assert_eq!(s.decide(t * S, &load(active, 0, 3)), 3, "at {t} s");
+        }
+    }
+
+    #[test]
+    fn the_predictive_policy_is_bounded_too() {
+        let args = ScalingArgs {
+            scaling_policy: PolicyKind::Predictive,
+            scaling_target: 1,
+            scaling_check_interval_ms: 500,
+            scaling_min_workers: 2,
+            scaling_max_workers: 6,
+            scaling_down_after_secs: 30,
+            worker_startup_ms: 2500,
+            predictive_margin_sigmas: 2.0,
+            predictive_min_spare: 1,
+        };
+        let mut s = args.scaler();
+        let quiet = LoadProjection {
+            capacity_per_worker: 1,
+            ..LoadProjection::default()
+        };
+        assert_eq!(s.decide(Duration::ZERO, &quiet), 2, "the minimum");
+        let flood = LoadProjection {
+            active_sessions: 40,
+            waiting_sessions: 9,
+            arrivals_total: 49,
+            ..quiet
+        };
+        assert_eq!(s.decide(S, &flood), 6, "the maximum");
+    }
+}
