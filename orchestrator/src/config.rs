@@ -6,7 +6,11 @@ use std::time::Duration;
 use clap::Args;
 use eventlog::config::SharedArgs;
 
-#[derive(Args, Clone, Debug, PartialEq, Eq)]
+use crate::kubernetes::KubernetesArgs;
+use crate::scaling::ScalingArgs;
+use crate::scaling_backend::BackendKind;
+
+#[derive(Args, Clone, Debug)]
 pub struct OrchestratorArgs {
     /// Where the WorkerManager gRPC API listens.
     #[arg(
@@ -41,6 +45,21 @@ pub struct OrchestratorArgs {
     /// this long after its last renewal (renewals run five times per lease).
     #[arg(long, env = "ASR_ORCHESTRATOR_LEASE_MS", default_value_t = 500)]
     pub lease_ms: u64,
+    /// Where scaling decisions take effect: `off` (no autoscaler), `dry-run` (log
+    /// them), `local` (`asr up --autoscale`'s processes), `kubernetes`.
+    #[arg(long, env = "ASR_SCALING_BACKEND", value_enum, default_value_t = BackendKind::Off)]
+    pub scaling_backend: BackendKind,
+    /// How long a draining worker may keep its sessions before they move to other
+    /// workers through the checkpoint handoff.
+    #[arg(long, env = "ASR_DRAIN_TIMEOUT_SECS", default_value_t = 300)]
+    pub drain_timeout_secs: u64,
+    /// How far back a new leader reads the streams to rebuild the load projection.
+    #[arg(long, env = "ASR_LOAD_WINDOW_SECS", default_value_t = 120)]
+    pub load_window_secs: u64,
+    #[command(flatten)]
+    pub scaling: ScalingArgs,
+    #[command(flatten)]
+    pub kubernetes: KubernetesArgs,
     #[command(flatten)]
     pub shared: SharedArgs,
 }

@@ -145,18 +145,15 @@ impl LoadTracker {
                 }
                 return;
             }
-            event if event.leader_token().is_some() => {
-                if !self.control.accept(event) {
-                    return;
-                }
-            }
+            event if event.leader_token().is_some() && !self.control.accept(event) => return,
             _ => {}
+        }
+        // A finished session stays finished: a late event does not bring it back.
+        if session.is_some_and(|id| self.finished_set.contains(&id)) {
+            return;
         }
         match (&envelope.event, session) {
             (Event::SessionOpened { model, format, .. }, Some(id)) => {
-                if self.finished_set.contains(&id) {
-                    return;
-                }
                 let entry = self
                     .sessions
                     .entry(id)
@@ -184,25 +181,19 @@ impl LoadTracker {
                 }
             }
             (Event::SessionQueued { model, .. }, Some(id)) => {
-                if !self.finished_set.contains(&id) {
-                    let entry = self
-                        .sessions
-                        .entry(id)
-                        .or_insert_with(|| SessionLoad::new(model.clone(), SessionState::Waiting));
-                    entry.state = SessionState::Waiting;
-                }
+                self.sessions
+                    .entry(id)
+                    .or_insert_with(|| SessionLoad::new(model.clone(), SessionState::Waiting))
+                    .state = SessionState::Waiting;
             }
             (Event::WorkerAllocated { worker, model, .. }, Some(id)) => {
-                if !self.finished_set.contains(&id) {
-                    let state = SessionState::Active {
-                        worker: worker.clone(),
-                    };
-                    let entry = self
-                        .sessions
-                        .entry(id)
-                        .or_insert_with(|| SessionLoad::new(model.clone(), state.clone()));
-                    entry.state = state;
-                }
+                let state = SessionState::Active {
+                    worker: worker.clone(),
+                };
+                self.sessions
+                    .entry(id)
+                    .or_insert_with(|| SessionLoad::new(model.clone(), SessionState::Waiting))
+                    .state = state;
             }
             (Event::WorkerReleased { .. }, Some(id)) => self.finish(at, id),
             (
@@ -225,7 +216,12 @@ impl LoadTracker {
                     },
                 );
             }
-            (Event::WorkerDraining { worker, draining, .. }, _) => {
+            (
+                Event::WorkerDraining {
+                    worker, draining, ..
+                },
+                _,
+            ) => {
                 if let Some(w) = self.workers.get_mut(worker) {
                     w.draining = *draining;
                 }
@@ -308,7 +304,11 @@ impl LoadTracker {
         }
     }
 
-    fn live_workers(&self, model: &str, now_ms: u64) -> impl Iterator<Item = (&String, &WorkerLoad)> {
+    fn live_workers(
+        &self,
+        model: &str,
+        now_ms: u64,
+    ) -> impl Iterator<Item = (&String, &WorkerLoad)> {
         self.workers.iter().filter(move |(_, w)| {
             w.model == model && now_ms.saturating_sub(w.last_seen_ms) <= self.stale_after_ms
         })
@@ -597,7 +597,10 @@ mod tests {
         let mut tracker = fold(&events);
         // Arrivals at 0, 4, …, 116 s; at 120 s the last minute holds 60..116: 15.
         assert_eq!(tracker.load(MODEL, 0, 120_000).arrivals_per_minute, 15.0);
-        assert_eq!(tracker.load(MODEL, 0, 120_000).projection.arrivals_total, 30);
+        assert_eq!(
+            tracker.load(MODEL, 0, 120_000).projection.arrivals_total,
+            30
+        );
     }
 
     #[test]
@@ -629,7 +632,10 @@ mod tests {
         assert_eq!(load.projection.workers_draining, 0);
         let views = tracker.worker_views(MODEL, 1_500);
         assert_eq!(
-            views.iter().map(|v| (v.id.as_str(), v.assigned, v.draining)).collect::<Vec<_>>(),
+            views
+                .iter()
+                .map(|v| (v.id.as_str(), v.assigned, v.draining))
+                .collect::<Vec<_>>(),
             [("w1", 1, false), ("w2", 0, false), ("w3", 0, true)]
         );
     }

@@ -15,9 +15,12 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::api::worker_manager_server::WorkerManagerServer;
+use crate::autoscaler::Autoscaler;
 use crate::config::OrchestratorArgs;
+use crate::kubernetes::KubernetesScaler;
 use crate::leadership::{Elector, Leader, TERM_MARK_INTERVAL};
 use crate::registry::{Fence, Registry};
+use crate::scaling_backend::{Backend, BackendKind};
 use crate::service::{Appenders, Disconnects, WorkerManagerService};
 use crate::telemetry;
 
@@ -34,6 +37,7 @@ pub struct Orchestrator {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
     monitor_period: Duration,
+    autoscaler: Option<Autoscaler>,
 }
 
 /// What the leadership loop needs.
@@ -91,6 +95,7 @@ impl Orchestrator {
             args.heartbeat_timeout(),
         );
 
+        let registry_for_scaling = registry.clone();
         let readiness = Arc::new(Readiness {
             registry,
             producer: control.name().to_string(),
@@ -121,7 +126,27 @@ impl Orchestrator {
             period: lease / 5,
             lease,
         };
+        let backend = match args.scaling_backend {
+            BackendKind::Off => None,
+            BackendKind::DryRun => Some(Backend::DryRun),
+            BackendKind::Local => Some(Backend::Local(registry_for_scaling)),
+            BackendKind::Kubernetes => Some(Backend::kubernetes(
+                KubernetesScaler::connect(&args.kubernetes).await?,
+            )),
+        };
+        let autoscaler = backend.map(|backend| Autoscaler {
+            args: args.scaling.clone(),
+            backend,
+            service: service.clone(),
+            log: log.clone(),
+            layout: layout.clone(),
+            window: Duration::from_secs(args.load_window_secs),
+            // Two heartbeat timeouts: the monitor marks such a worker lost first.
+            stale_after: args.heartbeat_timeout() * 2,
+            drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        });
         Ok(Self {
+            autoscaler,
             service,
             disconnects,
             election,
@@ -152,6 +177,7 @@ impl Orchestrator {
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let service = self.service;
         let monitor = tokio::spawn(monitor(service.clone(), self.monitor_period));
+        let autoscaler = self.autoscaler.map(|a| tokio::spawn(a.run()));
         let disconnects = tokio::spawn(service.clone().handle_disconnects(self.disconnects));
         let (elector, fence) = (self.election.elector.clone(), self.election.fence.clone());
         let leadership = tokio::spawn(lead(service.clone(), self.election));
@@ -174,7 +200,7 @@ impl Orchestrator {
             .add_service(WorkerManagerServer::new(service.clone()))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), shutdown)
             .await;
-        for task in [monitor, disconnects] {
+        for task in [monitor, disconnects].into_iter().chain(autoscaler) {
             task.abort();
             let _ = task.await;
         }

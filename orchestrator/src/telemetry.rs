@@ -1,6 +1,7 @@
 //! The orchestrator's Prometheus metrics, named in one place.
 
 use crate::allocator::WorkerState;
+use crate::load::ModelLoad;
 use crate::registry::{Registry, RegistryError};
 
 const WORKERS: &str = "orchestrator_workers";
@@ -11,6 +12,13 @@ const ALLOCATION_WAIT: &str = "orchestrator_allocation_wait_seconds";
 const LEADER: &str = "orchestrator_leader";
 const TERM_TOKEN: &str = "orchestrator_term_token";
 const TERMS: &str = "orchestrator_terms_total";
+const LOAD_SESSIONS: &str = "orchestrator_load_sessions";
+const LOAD_ARRIVALS: &str = "orchestrator_load_arrivals_per_minute";
+const LOAD_BACKLOG: &str = "orchestrator_load_backlog_seconds";
+const LOAD_RTF: &str = "orchestrator_load_real_time_factor";
+const LOAD_WORKERS: &str = "orchestrator_load_workers";
+const DESIRED_WORKERS: &str = "orchestrator_scaling_desired_workers";
+const SCALING_ACTIONS: &str = "orchestrator_scaling_actions_total";
 
 /// This replica began leading the term with fencing token `token`, or (0) stopped.
 pub fn term(token: u64) {
@@ -48,4 +56,44 @@ pub async fn refresh_gauges(registry: &Registry) -> Result<(), RegistryError> {
         metrics::gauge!(SESSIONS_WAITING, "model" => model.clone()).set(f64::from(waiting));
     }
     Ok(())
+}
+
+/// A model's load projection, as the autoscaler saw it at its last check.
+pub fn load(model: &str, load: &ModelLoad) {
+    let p = &load.projection;
+    let model = model.to_string();
+    for (state, n) in [
+        ("active", p.active_sessions),
+        ("waiting", p.waiting_sessions),
+    ] {
+        metrics::gauge!(LOAD_SESSIONS, "model" => model.clone(), "state" => state)
+            .set(f64::from(n));
+    }
+    metrics::gauge!(LOAD_ARRIVALS, "model" => model.clone()).set(load.arrivals_per_minute);
+    metrics::gauge!(LOAD_BACKLOG, "model" => model.clone()).set(load.backlog_seconds);
+    if let Some(rtf) = load.real_time_factor {
+        metrics::gauge!(LOAD_RTF, "model" => model.clone()).set(rtf);
+    }
+    for (state, n) in [
+        ("idle", load.workers_idle),
+        ("busy", load.workers_busy),
+        ("starting", p.workers_starting),
+        ("draining", p.workers_draining),
+    ] {
+        metrics::gauge!(LOAD_WORKERS, "model" => model.clone(), "state" => state).set(f64::from(n));
+    }
+}
+
+pub fn desired_workers(model: &str, workers: u32) {
+    metrics::gauge!(DESIRED_WORKERS, "model" => model.to_string()).set(f64::from(workers));
+}
+
+/// The autoscaler started, drained, brought back or retired a worker.
+pub fn scaling_action(model: &str, action: &'static str) {
+    scaling_action_n(model, action, 1);
+}
+
+pub fn scaling_action_n(model: &str, action: &'static str, n: u32) {
+    metrics::counter!(SCALING_ACTIONS, "model" => model.to_string(), "action" => action)
+        .increment(u64::from(n));
 }

@@ -41,11 +41,15 @@ pub struct Reconciliation {
     pub drain: Vec<String>,
 }
 
-/// The trailing number of a worker id (`recognizer-12` → 12): its StatefulSet ordinal,
-/// or its index under `asr up`.
+/// A worker's ordinal: the number after the last `-` of its id (`recognizer-12` → 12),
+/// its StatefulSet ordinal or its index under `asr up`; `None` for an id without one,
+/// such as a Deployment's pod (`recognizer-7f9c4-x2k8q`).
 pub fn ordinal(worker: &str) -> Option<u32> {
-    let digits = worker.len() - worker.trim_end_matches(|c: char| c.is_ascii_digit()).len();
-    worker[worker.len() - digits..].parse().ok()
+    let (_, digits) = worker.rsplit_once('-')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// The actions that bring `workers` (registered) plus `starting` to `desired`.
@@ -101,11 +105,15 @@ mod tests {
     }
 
     #[test]
-    fn ordinals_are_the_trailing_number() {
+    fn ordinals_are_the_number_after_the_last_dash() {
         assert_eq!(ordinal("recognizer-12"), Some(12));
         assert_eq!(ordinal("recognizer-0"), Some(0));
-        assert_eq!(ordinal("worker"), None);
-        assert_eq!(ordinal("w7x"), None);
+        assert_eq!(ordinal("whisper-tiny-3"), Some(3));
+        assert_eq!(ordinal("recognizer"), None);
+        assert_eq!(ordinal("recognizer-"), None);
+        assert_eq!(ordinal("recognizer-7f9c4-x2k8q"), None);
+        assert_eq!(ordinal("recognizer-+1"), None);
+        assert_eq!(ordinal("recognizer-99999999999"), None);
     }
 
     #[test]
