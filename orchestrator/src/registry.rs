@@ -375,7 +375,11 @@ impl Registry {
     /// Seeds the local-process backend's worker set, unless it already has one (a
     /// restart keeps what the autoscaler decided). Not fenced: `asr up` calls it before
     /// any leader exists, and SADD of the same ids is harmless.
-    pub async fn seed_local_workers(&self, model: &str, ids: &[String]) -> Result<(), RegistryError> {
+    pub async fn seed_local_workers(
+        &self,
+        model: &str,
+        ids: &[String],
+    ) -> Result<(), RegistryError> {
         let key = self.local_workers_key(model);
         let exists: bool = self.redis.clone().exists(&key).await?;
         if !exists && !ids.is_empty() {

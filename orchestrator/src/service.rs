@@ -245,7 +245,12 @@ impl WorkerManagerService {
             )
             .await?;
         inner.registry.set_draining(worker, draining).await?;
-        info!(worker, draining, sessions = record.sessions.len(), "worker draining changed");
+        info!(
+            worker,
+            draining,
+            sessions = record.sessions.len(),
+            "worker draining changed"
+        );
         if !draining {
             inner.serve_queue(&connections, &record.model).await?;
         }

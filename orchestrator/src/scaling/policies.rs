@@ -72,8 +72,7 @@ impl Predictive {
         }
         self.samples.push_back((now, arrivals_total));
         // Keep one observation at or before the window's start, to measure across it.
-        while self.samples.len() > 2 && now.saturating_sub(self.samples[1].0) >= self.long_window
-        {
+        while self.samples.len() > 2 && now.saturating_sub(self.samples[1].0) >= self.long_window {
             self.samples.pop_front();
         }
     }
@@ -206,7 +205,10 @@ mod tests {
         }
         let burst = policy.spare_slots(604 * S);
         assert!(quiet <= 2, "quiet spare {quiet}");
-        assert!(burst >= 6, "burst spare {burst}: forecast 2/s x 3 s plus margin");
+        assert!(
+            burst >= 6,
+            "burst spare {burst}: forecast 2/s x 3 s plus margin"
+        );
     }
 
     #[test]
