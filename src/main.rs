@@ -1,14 +1,17 @@
 //! `asr`: the one binary of the pipeline. Each role runs as its own process
 //! (`asr ingest`, `asr orchestrator`, `asr recognizer`, `asr projector`); `asr up`
 //! supervises all of them on one machine; `asr transcribe` streams a WAV file through a
-//! running system; `asr sessions` and `asr replay` read the audit trail.
+//! running system; `asr sessions` and `asr replay` read the audit trail; `asr simulate`
+//! replays an arrival trace (`asr trace` generates one) through the scaling policies.
 
 mod local_key;
 mod replay;
 mod sessions;
 mod shutdown;
+mod simulate;
 mod transcribe;
 mod up;
+mod workers;
 
 use clap::{Parser, Subcommand};
 
@@ -44,6 +47,13 @@ enum Command {
     /// Stream a WAV file (16-bit or float PCM, 8/16/48 kHz) to ingest and print the
     /// transcript.
     Transcribe(transcribe::TranscribeArgs),
+    /// Replay an arrival trace through scaling policies, in simulated time: allocation
+    /// wait, SLO violations and worker-seconds, side by side.
+    Simulate(simulate::SimulateArgs),
+    /// Generate a call-centre arrival trace (CSV) for `asr simulate`.
+    Trace(simulate::TraceArgs),
+    /// List the recognizer workers, or drain one for maintenance.
+    Workers(workers::WorkersArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,6 +72,9 @@ fn main() -> anyhow::Result<()> {
             Command::Replay(args) => replay::run(args).await,
             Command::Sessions(args) => sessions::run(args).await,
             Command::Transcribe(args) => transcribe::run(args).await,
+            Command::Simulate(args) => simulate::run(args),
+            Command::Trace(args) => simulate::write_trace(args),
+            Command::Workers(args) => workers::run(args).await,
         }
     })
 }

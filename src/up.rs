@@ -2,6 +2,11 @@
 //! others stand by), the ingest gateway and N recognizers run as child processes of
 //! this one (the same binary), each restarted when it dies; Ctrl-C stops them all, and
 //! they stop by themselves if this supervisor is killed (see `shutdown`).
+//!
+//! With `--autoscale` the orchestrator decides how many recognizers run (its local
+//! backend): it keeps the worker ids it wants in Redis, and this supervisor keeps
+//! exactly those running. A recognizer the autoscaler retired exits by itself once
+//! drained, and is not restarted because its id is no longer wanted.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,14 +20,34 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use std::collections::HashMap;
+
+use orchestrator::registry::{Fence, Registry};
+use orchestrator::scaling::ScalingArgs;
+use orchestrator::scaling::fleet::ordinal;
+
 use crate::local_key::StateDir;
 use crate::shutdown::{self, SUPERVISOR_PID_ENV};
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
-    /// Number of recognizer worker processes.
+    /// Number of recognizer worker processes (with --autoscale: at the first start;
+    /// after that the autoscaler's decisions, kept in Redis, count).
     #[arg(long, env = "ASR_RECOGNIZERS", default_value_t = 2)]
     recognizers: u16,
+    /// Let the orchestrator start and stop recognizers by its scaling policy (the
+    /// --scaling-* flags) instead of running a fixed number.
+    #[arg(long, env = "ASR_AUTOSCALE")]
+    autoscale: bool,
+    /// The model the recognizers serve.
+    #[arg(long, env = "ASR_MODEL_NAME", default_value = "whisper-tiny.en")]
+    model_name: String,
+    /// With --autoscale: how long a draining recognizer may keep its sessions before
+    /// they move to others through the checkpoint handoff.
+    #[arg(long, env = "ASR_DRAIN_TIMEOUT_SECS", default_value_t = 300)]
+    drain_timeout_secs: u64,
+    #[command(flatten)]
+    scaling: ScalingArgs,
     /// Number of orchestrator replicas (`orchestrator-1` …): one leads, the others take
     /// over within the heartbeat timeout if it dies.
     #[arg(long, env = "ASR_ORCHESTRATORS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
@@ -72,14 +97,22 @@ impl UpArgs {
     fn roles(&self) -> (Vec<Role>, Vec<Role>, Vec<Role>) {
         let shifted = |addr: SocketAddr, by: u16| SocketAddr::new(addr.ip(), addr.port() + by);
         let orchestrators = (0..self.orchestrators)
-            .map(|i| Role {
-                name: format!("orchestrator-{}", i + 1),
-                args: vec![
+            .map(|i| {
+                let mut args = vec![
                     "orchestrator".into(),
                     format!("--replica-id=orchestrator-{}", i + 1),
                     format!("--grpc-addr={}", shifted(self.grpc_addr, i)),
                     format!("--http-addr={}", shifted(self.orchestrator_http_addr, i)),
-                ],
+                ];
+                if self.autoscale {
+                    args.push("--scaling-backend=local".into());
+                    args.push(format!("--drain-timeout-secs={}", self.drain_timeout_secs));
+                    args.extend(self.scaling.to_args());
+                }
+                Role {
+                    name: format!("orchestrator-{}", i + 1),
+                    args,
+                }
             })
             .collect();
         let services = vec![
@@ -95,17 +128,50 @@ impl UpArgs {
                 ],
             },
         ];
-        let recognizers = (0..self.recognizers)
-            .map(|i| Role {
-                name: format!("recognizer-{}", i + 1),
-                args: vec![
-                    "recognizer".into(),
-                    format!("--worker-id=recognizer-{}", i + 1),
-                    format!("--http-addr=127.0.0.1:{}", self.recognizer_base_port + i),
-                ],
-            })
+        let recognizers = self
+            .first_recognizers()
+            .iter()
+            .map(|id| self.recognizer_roles().role(id))
             .collect();
         (orchestrators, services, recognizers)
+    }
+
+    /// The recognizers' worker ids at the first start: `recognizer-1` ….
+    fn first_recognizers(&self) -> Vec<String> {
+        (1..=self.recognizers)
+            .map(|i| format!("recognizer-{i}"))
+            .collect()
+    }
+
+    fn recognizer_roles(&self) -> RecognizerRoles {
+        RecognizerRoles {
+            base_port: self.recognizer_base_port,
+            model_name: self.model_name.clone(),
+        }
+    }
+}
+
+/// How a recognizer is started, given its worker id.
+#[derive(Clone)]
+struct RecognizerRoles {
+    base_port: u16,
+    model_name: String,
+}
+
+impl RecognizerRoles {
+    /// Recognizer `id` (`recognizer-N`), serving its ops endpoints on base port + N - 1.
+    fn role(&self, id: &str) -> Role {
+        let index = ordinal(id).unwrap_or(1).saturating_sub(1);
+        let port = u32::from(self.base_port) + index;
+        Role {
+            name: id.to_string(),
+            args: vec![
+                "recognizer".into(),
+                format!("--worker-id={id}"),
+                format!("--http-addr=127.0.0.1:{port}"),
+                format!("--model-name={}", self.model_name),
+            ],
+        }
     }
 }
 
@@ -120,14 +186,42 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (orchestrators, services, recognizers) = args.roles();
 
-    let spawn = |role: Role| {
-        let (exe, env, stop) = (exe.clone(), env.clone(), stop_rx.clone());
-        tokio::spawn(supervise(exe, env, role, stop))
+    let supervisor = Supervisor {
+        exe,
+        env,
+        stop: stop_rx.clone(),
     };
-    let mut tasks: Vec<_> = orchestrators.into_iter().map(spawn).collect();
+    let mut tasks: Vec<_> = orchestrators
+        .into_iter()
+        .map(|role| supervisor.spawn(role, Restart::Always))
+        .collect();
     wait_for_port(args.grpc_addr, "orchestrator-1").await?;
-    tasks.extend(services.into_iter().map(spawn));
-    tasks.extend(recognizers.into_iter().map(spawn));
+    tasks.extend(
+        services
+            .into_iter()
+            .map(|role| supervisor.spawn(role, Restart::Always)),
+    );
+    if args.autoscale {
+        let redis = args.shared.redis().await.context("connecting to Redis")?;
+        // Reads, and the unfenced seeding: the fence matters to the leader only.
+        let registry = Registry::new(redis, args.shared.namespace.clone(), Fence::default());
+        registry
+            .seed_local_workers(&args.model_name, &args.first_recognizers())
+            .await?;
+        let fleet = Fleet {
+            registry,
+            model: args.model_name.clone(),
+            roles: args.recognizer_roles(),
+            supervisor: supervisor.clone(),
+        };
+        tasks.push(tokio::spawn(fleet.keep()));
+    } else {
+        tasks.extend(
+            recognizers
+                .into_iter()
+                .map(|role| supervisor.spawn(role, Restart::Always)),
+        );
+    }
     wait_for_port(args.listen, "ingest").await?;
     tracing::info!(
         url = %format!("ws://{}/v1/stream", args.listen),
@@ -147,49 +241,133 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a role, restarting it whenever it exits (or cannot be started) until the
-/// system stops.
-async fn supervise(
+/// Starts roles as supervised child processes.
+#[derive(Clone)]
+struct Supervisor {
     exe: std::path::PathBuf,
     env: Vec<(&'static str, String)>,
-    role: Role,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut backoff = Backoff::default();
-    loop {
-        let started = Instant::now();
-        let child = Command::new(&exe)
-            .args(&role.args)
-            .envs(env.iter().map(|(k, v)| (*k, v)))
-            .env(SUPERVISOR_PID_ENV, std::process::id().to_string())
-            .kill_on_drop(true)
-            .spawn();
-        let delay = match child {
-            Err(e) => {
-                let delay = backoff.after_exit(started.elapsed());
-                tracing::error!(role = %role.name, error = %e, retry_in = ?delay, "cannot start");
-                delay
-            }
-            Ok(mut child) => {
-                tracing::info!(role = %role.name, pid = child.id(), "started");
-                let status = tokio::select! {
-                    status = child.wait() => status,
-                    _ = stopped(&mut stop) => {
-                        terminate(&role.name, &mut child).await;
+    stop: watch::Receiver<bool>,
+}
+
+/// When a role that exited is started again.
+#[derive(Clone)]
+enum Restart {
+    /// Whenever it exits, until the system stops.
+    Always,
+    /// While the autoscaler still wants it (its id is in the local backend's set).
+    WhileWanted { registry: Registry, model: String },
+}
+
+impl Restart {
+    async fn wanted(&self, role: &str) -> bool {
+        match self {
+            Restart::Always => true,
+            Restart::WhileWanted { registry, model } => match registry.local_workers(model).await {
+                Ok(ids) => ids.iter().any(|id| id == role),
+                // Unsure: restart. A worker too many is drained again; one too few
+                // could leave callers waiting.
+                Err(e) => {
+                    tracing::warn!(role, error = %e, "cannot read the wanted workers; restarting");
+                    true
+                }
+            },
+        }
+    }
+}
+
+impl Supervisor {
+    fn spawn(&self, role: Role, restart: Restart) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.clone().supervise(role, restart))
+    }
+
+    /// Runs a role, restarting it whenever it exits (or cannot be started) until the
+    /// system stops, or until `restart` says it is no longer wanted.
+    async fn supervise(mut self, role: Role, restart: Restart) {
+        let mut backoff = Backoff::default();
+        loop {
+            let started = Instant::now();
+            let child = Command::new(&self.exe)
+                .args(&role.args)
+                .envs(self.env.iter().map(|(k, v)| (*k, v)))
+                .env(SUPERVISOR_PID_ENV, std::process::id().to_string())
+                .kill_on_drop(true)
+                .spawn();
+            let delay = match child {
+                Err(e) => {
+                    let delay = backoff.after_exit(started.elapsed());
+                    tracing::error!(role = %role.name, error = %e, retry_in = ?delay, "cannot start");
+                    delay
+                }
+                Ok(mut child) => {
+                    tracing::info!(role = %role.name, pid = child.id(), "started");
+                    let status = tokio::select! {
+                        status = child.wait() => status,
+                        _ = stopped(&mut self.stop) => {
+                            terminate(&role.name, &mut child).await;
+                            return;
+                        }
+                    };
+                    if !restart.wanted(&role.name).await {
+                        tracing::info!(role = %role.name, ?status, "retired by the autoscaler; not restarted");
                         return;
                     }
-                };
-                let delay = backoff.after_exit(started.elapsed());
-                tracing::warn!(
-                    role = %role.name, ?status, restarts = backoff.restarts, restart_in = ?delay,
-                    "exited; restarting"
-                );
-                delay
+                    let delay = backoff.after_exit(started.elapsed());
+                    tracing::warn!(
+                        role = %role.name, ?status, restarts = backoff.restarts, restart_in = ?delay,
+                        "exited; restarting"
+                    );
+                    delay
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stopped(&mut self.stop) => return,
             }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// The recognizers of `asr up --autoscale`: keeps one supervised process per worker id
+/// the autoscaler wants, polling its set in Redis.
+struct Fleet {
+    registry: Registry,
+    model: String,
+    roles: RecognizerRoles,
+    supervisor: Supervisor,
+}
+
+/// How often the fleet looks at the wanted ids: small next to a worker's start-up.
+const FLEET_POLL: Duration = Duration::from_millis(200);
+
+impl Fleet {
+    async fn keep(self) {
+        let mut stop = self.supervisor.stop.clone();
+        let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        loop {
+            running.retain(|_, task| !task.is_finished());
+            match self.registry.local_workers(&self.model).await {
+                Ok(wanted) => {
+                    for id in wanted {
+                        if running.contains_key(&id) {
+                            continue;
+                        }
+                        let restart = Restart::WhileWanted {
+                            registry: self.registry.clone(),
+                            model: self.model.clone(),
+                        };
+                        let task = self.supervisor.spawn(self.roles.role(&id), restart);
+                        running.insert(id, task);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the wanted workers"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FLEET_POLL) => {}
+                _ = stopped(&mut stop) => break,
+            }
+        }
+        for (_, task) in running {
+            let _ = task.await;
         }
     }
 }

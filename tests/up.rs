@@ -29,6 +29,8 @@ const PARTITIONS: u16 = 4;
 /// `asr up`'s default: a leader and a standby.
 const ORCHESTRATORS: u16 = 2;
 const POLL: Duration = Duration::from_millis(25);
+/// The model `asr up`'s recognizers serve by default.
+const MODEL: &str = "whisper-tiny.en";
 
 /// A process as /proc shows it; `start` (clock ticks since boot) tells a fresh
 /// process from an old one even if the kernel reused the pid.
@@ -220,13 +222,15 @@ struct Up {
 }
 
 impl Up {
-    fn start(recognizers: u16) -> Up {
+    /// `asr up` with `recognizers` workers and `extra` flags.
+    fn start(recognizers: u16, extra: &[&str]) -> Up {
         let namespace = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let log = std::env::temp_dir().join(format!("asr-up-{namespace}.log"));
         let state_dir = std::env::temp_dir().join(format!("asr-up-{namespace}-state"));
         let ingest_port = free_port();
         let (grpc_port, http_port) = (free_ports(ORCHESTRATORS), free_ports(ORCHESTRATORS));
-        let recognizer_base_port = free_ports(recognizers);
+        // Room for the recognizers an autoscaling test may add.
+        let recognizer_base_port = free_ports(recognizers.max(4));
         let child = Command::new(env!("CARGO_BIN_EXE_asr"))
             .args([
                 "up".to_string(),
@@ -240,6 +244,7 @@ impl Up {
                 format!("--state-dir={}", state_dir.display()),
                 format!("--projector-http-addr=127.0.0.1:{}", free_port()),
             ])
+            .args(extra)
             .env("ASR_DATABASE_SCHEMA", namespace.replace('-', "_"))
             .env("RUST_LOG", "info")
             .env_remove("ASR_SUPERVISOR_PID")
@@ -327,19 +332,16 @@ impl Up {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Panics with the log if `asr up` exited.
-    fn assert_running(&mut self, what: &str) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "asr up exited ({status}) while {what}; its log:\n{}",
-                self.log()
-            );
+    /// Panics with the log if `asr up` exited (it is then a zombie until reaped).
+    fn assert_running(&self, what: &str) {
+        if !Proc::read(self.pid).is_some_and(|p| p.state != 'Z') {
+            panic!("asr up exited while {what}; its log:\n{}", self.log());
         }
     }
 
     /// Polls `check` until it holds, failing with the log after `limit`.
     async fn wait_until<F: AsyncFnMut(&Up) -> bool>(
-        &mut self,
+        &self,
         what: &str,
         limit: Duration,
         mut check: F,
@@ -360,6 +362,53 @@ impl Up {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// Streams `wav` through the system with the CLI (which finds the local API key
+    /// `asr up` created without being told), at `speed` times real time (0: unpaced),
+    /// and returns the transcript it prints.
+    async fn transcribe(&self, wav: &std::path::Path, speed: f64) -> String {
+        let output = Command::new(env!("CARGO_BIN_EXE_asr"))
+            .arg("transcribe")
+            .arg(wav)
+            .args(["--speed", &speed.to_string(), "--url", &self.ws_url()])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .env_remove("ASR_API_KEY")
+            .output()
+            .await
+            .expect("running asr transcribe");
+        assert!(
+            output.status.success(),
+            "the session failed: {}; the log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    /// The recognizer children now, sorted by worker id.
+    fn recognizers(&self) -> Vec<String> {
+        self.children()
+            .into_keys()
+            .filter(|role| role.starts_with("recognizer-"))
+            .collect()
+    }
+
+    /// The worker ids the autoscaler wants running (the local backend's set).
+    fn wanted(&self) -> Vec<String> {
+        let key = format!("{}:local:{MODEL}:workers", self.namespace);
+        let mut ids = strings(redis(&["SMEMBERS", &key]));
+        ids.sort();
+        ids
+    }
+
+    /// The sessions the registry gives `worker`.
+    fn sessions_of(&self, worker: &str) -> Vec<String> {
+        strings(redis(&[
+            "SMEMBERS",
+            &format!("{}:worker:{worker}:sessions", self.namespace),
+        ]))
     }
 
     /// The roles `asr up` runs as children, sorted.
@@ -434,11 +483,11 @@ impl Up {
     }
 }
 
-/// Runs `test` against a fresh `asr up` with `recognizers` workers, holding the
-/// heavy-test lock, and cleans up after it, also when it fails.
-async fn with_up(recognizers: u16, test: impl AsyncFnOnce(&mut Up)) {
+/// Runs `test` against a fresh `asr up` with `recognizers` workers and `extra` flags,
+/// holding the heavy-test lock, and cleans up after it, also when it fails.
+async fn with_up(recognizers: u16, extra: &[&str], test: impl AsyncFnOnce(&mut Up)) {
     let _serial = testkit::serial::heavy();
-    let mut up = Up::start(recognizers);
+    let mut up = Up::start(recognizers, extra);
     let outcome = AssertUnwindSafe(test(&mut up)).catch_unwind().await;
     up.cleanup(outcome.is_err()).await;
     if let Err(panic) = outcome {
@@ -453,7 +502,7 @@ fn sigkill(p: &Proc) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_recognizer_is_replaced_by_a_fresh_process_every_time() {
-    with_up(2, async |up| {
+    with_up(2, &[], async |up| {
         let mut kids = up.wait_ready().await;
 
         let rounds: [&[&str]; 4] = [
@@ -530,23 +579,7 @@ async fn a_killed_recognizer_is_replaced_by_a_fresh_process_every_time() {
         let sentence = "please send an ambulance to the main street";
         let wav = up.state_dir.join("call.wav");
         testkit::speech::write_wav(&testkit::speech::sentences(&[sentence], 800), &wav);
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_asr"))
-            .arg("transcribe")
-            .arg(&wav)
-            .args(["--speed", "0", "--url", &up.ws_url()])
-            .arg("--state-dir")
-            .arg(&up.state_dir)
-            .env_remove("ASR_API_KEY")
-            .output()
-            .await
-            .expect("running asr transcribe");
-        let transcript = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "the session failed: {}; the log:\n{}",
-            String::from_utf8_lossy(&output.stderr),
-            up.log()
-        );
+        let transcript = up.transcribe(&wav, 0.0).await;
         println!("after the kills, heard {transcript:?}");
         assert!(
             !transcript.trim().is_empty(),
@@ -575,7 +608,7 @@ async fn all_gone(procs: &[Proc], limit: Duration, log: &str) -> Duration {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn children_die_with_a_sigkilled_asr_up() {
-    with_up(2, async |up| {
+    with_up(2, &[], async |up| {
         let kids: Vec<Proc> = up.wait_ready().await.into_values().collect();
         up.child.kill().await.expect("SIGKILL asr up"); // and reap it
         let took = all_gone(&kids, Duration::from_secs(5), &up.log()).await;
@@ -589,7 +622,7 @@ async fn children_die_with_a_sigkilled_asr_up() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn children_die_with_a_sigkilled_asr_up_even_while_they_start() {
-    with_up(2, async |up| {
+    with_up(2, &[], async |up| {
         // As soon as both recognizers run, and long before their model is loaded.
         let roles = up.roles();
         up.wait_until(
@@ -618,7 +651,7 @@ async fn children_die_with_a_sigkilled_asr_up_even_while_they_start() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_every_child_and_asr_up_exits_zero() {
-    with_up(2, async |up| {
+    with_up(2, &[], async |up| {
         let kids: Vec<Proc> = up.wait_ready().await.into_values().collect();
         let sent = Instant::now();
         kill(Pid::from_raw(up.pid as i32), Signal::SIGTERM).expect("SIGTERM asr up");
@@ -640,6 +673,184 @@ async fn sigterm_stops_every_child_and_asr_up_exits_zero() {
             "every child stopped on SIGTERM, none had to be killed:\n{log}"
         );
         println!("SIGTERM: asr up and its children stopped in {took:.2?}");
+    })
+    .await;
+}
+
+/// Flags that let the orchestrator scale `asr up`'s recognizers: the report's policy
+/// with no spare slot (a session each, so the burst alone decides), checked often.
+const AUTOSCALE: [&str; 6] = [
+    "--autoscale",
+    "--scaling-policy=idle-target",
+    "--scaling-target=0",
+    "--scaling-min-workers=1",
+    "--scaling-max-workers=3",
+    "--scaling-check-interval-ms=200",
+];
+
+fn call(up: &Up, name: &str, sentences: &[&str]) -> PathBuf {
+    let wav = up.state_dir.join(format!("{name}.wav"));
+    std::fs::create_dir_all(&up.state_dir).unwrap();
+    testkit::speech::write_wav(&testkit::speech::sentences(sentences, 600), &wav);
+    wav
+}
+
+const CALLS: [&[&str]; 3] = [
+    &[
+        "there is a fire in the kitchen of the restaurant",
+        "the smoke is getting worse",
+    ],
+    &[
+        "my father fell down the stairs",
+        "he is breathing but he does not answer",
+    ],
+    &[
+        "a car hit a cyclist at the crossing",
+        "please send an ambulance quickly",
+    ],
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn autoscale_starts_recognizers_for_a_burst_and_retires_them_when_idle() {
+    let mut flags = AUTOSCALE.to_vec();
+    flags.push("--scaling-down-after-secs=3");
+    with_up(1, &flags, async |up| {
+        up.wait_ready().await;
+        assert_eq!(up.wanted(), ["recognizer-1"], "seeded with --recognizers");
+
+        // A burst: three callers at once, one worker with one slot.
+        let wavs: Vec<PathBuf> = (0..CALLS.len())
+            .map(|i| call(up, &format!("burst-{i}"), CALLS[i]))
+            .collect();
+        let sessions = futures::future::join_all(wavs.iter().map(|wav| up.transcribe(wav, 0.0)));
+        let mut peak = Vec::new();
+        let watch = async {
+            loop {
+                let now = up.recognizers();
+                if now.len() > peak.len() {
+                    peak = now;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        };
+        let transcripts = tokio::select! {
+            t = sessions => t,
+            () = watch => unreachable!(),
+        };
+        println!("recognizers at the peak of the burst: {peak:?}");
+        assert_eq!(
+            peak,
+            ["recognizer-1", "recognizer-2", "recognizer-3"],
+            "one recognizer per caller"
+        );
+        // Everyone was served, whole: nothing lost while waiting for a worker.
+        for (transcript, sentences) in transcripts.iter().zip(CALLS) {
+            let expected = sentences.join(" ");
+            let wer = client::words::word_error_rate(&expected, transcript);
+            println!("heard {transcript:?} (WER {wer:.2})");
+            assert!(wer <= 0.35, "{transcript:?} against {expected:?}");
+        }
+
+        // Idle again: after the 3 s cool-down two workers (idle ones: whichever
+        // finished first) are drained and retired, and their processes exit for good.
+        let took = up
+            .wait_until(
+                "the extra recognizers are retired",
+                Duration::from_secs(30),
+                async |up| up.recognizers().len() == 1 && up.wanted() == up.recognizers(),
+            )
+            .await;
+        let kept = up.recognizers();
+        println!("back to {kept:?} {took:.2?} after the burst");
+        assert_eq!(up.registered(), kept);
+        assert_eq!(
+            up.log()
+                .matches("retired by the autoscaler; not restarted")
+                .count(),
+            2,
+            "both retired processes exited and stayed down"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(up.recognizers(), kept, "nothing restarted them");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn draining_a_worker_hands_its_live_session_off_without_losing_a_word() {
+    let mut flags = AUTOSCALE.to_vec();
+    // No scale-down of its own during the test; the drain gives up after 1 s.
+    flags.extend(["--scaling-down-after-secs=600", "--drain-timeout-secs=1"]);
+    with_up(2, &flags, async |up| {
+        up.wait_ready().await;
+        let sentences = [
+            "the caller reports a gas leak in the basement",
+            "everyone has left the building",
+            "the fire brigade should use the back entrance",
+        ];
+        let wav = call(up, "drained", &sentences);
+        // The transcript of record: the same audio, nobody drained.
+        let reference = up.transcribe(&wav, 0.0).await;
+
+        // The same call again, at the caller's pace this time, drained mid-call.
+        let session = up.transcribe(&wav, 1.0);
+        let drain = async {
+            let serving = async |up: &Up| {
+                up.registered().into_iter().find_map(|w| {
+                    let sessions = up.sessions_of(&w);
+                    sessions.first().map(|s| (w.clone(), s.clone()))
+                })
+            };
+            up.wait_until(
+                "the call is assigned",
+                Duration::from_secs(30),
+                async |up| serving(up).await.is_some(),
+            )
+            .await;
+            let (worker, session) = serving(up).await.expect("the serving worker");
+            // Drain once the first sentence is final: the session's checkpoint exists.
+            let checkpoint = format!("{}:checkpoint:{session}", up.namespace);
+            up.wait_until(
+                "the first sentence is checkpointed",
+                Duration::from_secs(30),
+                async |_| redis(&["EXISTS", &checkpoint]) == Resp::Int(1),
+            )
+            .await;
+            let output = Command::new(env!("CARGO_BIN_EXE_asr"))
+                .args(["workers", "drain", &worker])
+                .arg(format!("--namespace={}", up.namespace))
+                .output()
+                .await
+                .expect("running asr workers drain");
+            let said = String::from_utf8_lossy(&output.stdout);
+            assert!(
+                output.status.success(),
+                "{said} {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(said.contains("1 session(s)"), "{said}");
+            worker
+        };
+        let (transcript, drained) = tokio::join!(session, drain);
+        println!("reference {reference:?}; drained {drained} mid-call, heard {transcript:?}");
+        assert_eq!(
+            transcript, reference,
+            "the handed-off call lost or doubled nothing"
+        );
+
+        // The drained worker was retired with its session moved, and stays down; the
+        // autoscaler replaced its capacity.
+        up.wait_until(
+            "the drained worker is gone",
+            Duration::from_secs(30),
+            async |up| !up.recognizers().contains(&drained) && !up.registered().contains(&drained),
+        )
+        .await;
+        assert!(!up.wanted().contains(&drained));
+        assert!(
+            up.log().contains("moved=1"),
+            "its live session was handed off"
+        );
     })
     .await;
 }

@@ -12,7 +12,7 @@
 //! passes: its sessions then move to other workers through the checkpoint handoff
 //! ([`WorkerManagerService::retire`]), as after a failure, so nothing is lost.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,6 +66,8 @@ struct Term {
     scalers: HashMap<String, Scaler<Box<dyn ScalingPolicy + Send>>>,
     decided: HashMap<String, u32>,
     draining_since: HashMap<String, Instant>,
+    /// Workers this term drained (and may bring back).
+    drained_here: HashSet<String>,
     started: Instant,
     started_ms: u64,
     /// Unix ms of the newest heartbeat folded: caught up once it is from this term.
@@ -137,6 +139,7 @@ impl Autoscaler {
             scalers: HashMap::new(),
             decided: HashMap::new(),
             draining_since: HashMap::new(),
+            drained_here: HashSet::new(),
             started: Instant::now(),
             started_ms,
             newest_heartbeat_ms,
@@ -176,7 +179,7 @@ impl Autoscaler {
             let desired = scaler.decide(term.started.elapsed(), &load.projection);
             telemetry::desired_workers(&model, desired);
             if term.decided.insert(model.clone(), desired) != Some(desired) {
-                let policy = format!("{:?}", self.args.scaling_policy);
+                let policy = self.args.policy_name();
                 info!(%model, desired, backend = self.backend.name(), policy, load = ?load.projection, "scaling decision");
                 self.service.log_scaling(&model, &policy, desired).await?;
             }
@@ -197,15 +200,25 @@ impl Autoscaler {
         views: &[WorkerView],
         starting: u32,
     ) -> Result<(), CheckError> {
-        let plan = reconcile(desired, views, starting, self.backend.removal_order(model));
+        // Only workers this term drained can be brought back: one an operator
+        // drained (or an earlier term) is on its way out, and its capacity is
+        // replaced instead.
+        let own: Vec<WorkerView> = views
+            .iter()
+            .filter(|v| !v.draining || term.drained_here.contains(&v.id))
+            .cloned()
+            .collect();
+        let plan = reconcile(desired, &own, starting, self.backend.removal_order(model));
         for worker in &plan.undrain {
             self.service.set_draining(worker, false).await?;
             term.draining_since.remove(worker);
+            term.drained_here.remove(worker);
             telemetry::scaling_action(model, "undrain");
         }
         for worker in &plan.drain {
             self.service.set_draining(worker, true).await?;
             term.draining_since.insert(worker.clone(), Instant::now());
+            term.drained_here.insert(worker.clone());
             telemetry::scaling_action(model, "drain");
         }
         if plan.start > 0 {
@@ -228,6 +241,7 @@ impl Autoscaler {
             if self.backend.retire(model, &worker.id).await? {
                 let moved = self.service.retire(&worker.id).await?.unwrap_or(0);
                 term.draining_since.remove(&worker.id);
+                term.drained_here.remove(&worker.id);
                 info!(model, worker = %worker.id, moved, timed_out, "worker retired");
                 telemetry::scaling_action(model, "retire");
             }

@@ -41,9 +41,10 @@ use uuid::Uuid;
 use crate::allocator::{self, WorkerLoad};
 use crate::api::worker_manager_server::WorkerManager;
 use crate::api::{
-    self, AllocateWorkerRequest, AllocateWorkerResponse, Allocation, Queued, RegisterWorkerRequest,
-    ReleaseWorkerRequest, ReleaseWorkerResponse, SendHeartbeatRequest, SendHeartbeatResponse,
-    WorkerCommand, allocate_worker_response, worker_command,
+    self, AllocateWorkerRequest, AllocateWorkerResponse, Allocation, DrainWorkerRequest,
+    DrainWorkerResponse, Queued, RegisterWorkerRequest, ReleaseWorkerRequest,
+    ReleaseWorkerResponse, SendHeartbeatRequest, SendHeartbeatResponse, WorkerCommand,
+    allocate_worker_response, worker_command,
 };
 use crate::leadership::Leader;
 use crate::registry::{Fence, Registry, RegistryError, SessionRecord, SessionState, WorkerRecord};
@@ -223,16 +224,21 @@ impl WorkerManagerService {
         Ok(())
     }
 
-    /// Stops giving `worker` new sessions (`draining`), or starts again. `false` when
-    /// the worker is not registered.
-    pub async fn set_draining(&self, worker: &str, draining: bool) -> Result<bool, ServiceError> {
+    /// Stops giving `worker` new sessions (`draining`), or starts again. Returns the
+    /// sessions it serves, `None` when the worker is not registered.
+    pub async fn set_draining(
+        &self,
+        worker: &str,
+        draining: bool,
+    ) -> Result<Option<u32>, ServiceError> {
         let inner = &self.inner;
         let connections = inner.connections.lock().await;
         let Some(record) = inner.registry.worker(worker).await? else {
-            return Ok(false);
+            return Ok(None);
         };
+        let sessions = record.sessions.len() as u32;
         if record.draining == draining {
-            return Ok(true);
+            return Ok(Some(sessions));
         }
         inner
             .append_control(
@@ -254,7 +260,7 @@ impl WorkerManagerService {
         if !draining {
             inner.serve_queue(&connections, &record.model).await?;
         }
-        Ok(true)
+        Ok(Some(sessions))
     }
 
     /// Removes a drained worker and tells it to stop. Sessions it still serves (the
@@ -936,6 +942,19 @@ impl WorkerManager for WorkerManagerService {
         self.inner.ensure_leading()?;
         let known = self.inner.heartbeat(request.into_inner()).await?;
         Ok(Response::new(SendHeartbeatResponse { known }))
+    }
+
+    async fn drain_worker(
+        &self,
+        request: Request<DrainWorkerRequest>,
+    ) -> Result<Response<DrainWorkerResponse>, Status> {
+        self.inner.ensure_leading()?;
+        let worker = request.into_inner().worker_id;
+        let drained = self.set_draining(&worker, true).await?;
+        Ok(Response::new(DrainWorkerResponse {
+            found: drained.is_some(),
+            sessions: drained.unwrap_or(0),
+        }))
     }
 
     async fn release_worker(

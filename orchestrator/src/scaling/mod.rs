@@ -6,6 +6,8 @@
 //! - [`policies`]: the policies ([`IdleTarget`], [`Predictive`]);
 //! - [`Scaler`]: bounds and anti-flapping, shared by every policy;
 //! - [`fleet`]: from a desired count to the workers to start, drain or bring back;
+//! - [`trace`] and [`simulation`]: call-centre arrival traces, and a simulator that
+//!   replays one through the allocator and a policy (`asr simulate`);
 //! - [`ScalingArgs`]: the flags that choose and tune all of it.
 //!
 //! Every policy is bounded by the model's minimum and maximum replicas, and protected
@@ -15,6 +17,8 @@
 
 pub mod fleet;
 pub mod policies;
+pub mod simulation;
+pub mod trace;
 
 use std::time::Duration;
 
@@ -174,6 +178,34 @@ impl ScalingArgs {
         }
     }
 
+    /// The policy's name, as `--scaling-policy` spells it.
+    pub fn policy_name(&self) -> String {
+        self.scaling_policy
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string())
+    }
+
+    /// The same settings as command-line flags, for a child process (`asr up`).
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            format!("--scaling-policy={}", self.policy_name()),
+            format!("--scaling-target={}", self.scaling_target),
+            format!(
+                "--scaling-check-interval-ms={}",
+                self.scaling_check_interval_ms
+            ),
+            format!("--scaling-min-workers={}", self.scaling_min_workers),
+            format!("--scaling-max-workers={}", self.scaling_max_workers),
+            format!("--scaling-down-after-secs={}", self.scaling_down_after_secs),
+            format!("--worker-startup-ms={}", self.worker_startup_ms),
+            format!(
+                "--predictive-margin-sigmas={}",
+                self.predictive_margin_sigmas
+            ),
+            format!("--predictive-min-spare={}", self.predictive_min_spare),
+        ]
+    }
+
     /// The chosen policy, bounded and protected against flapping.
     pub fn scaler(&self) -> Scaler<Box<dyn ScalingPolicy + Send>> {
         let policy: Box<dyn ScalingPolicy + Send> = match self.scaling_policy {
@@ -193,6 +225,7 @@ impl ScalingArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser as _;
 
     const S: Duration = Duration::from_secs(1);
 
@@ -277,5 +310,24 @@ mod tests {
             ..quiet
         };
         assert_eq!(s.decide(S, &flood), 6, "the maximum");
+    }
+
+    #[test]
+    fn flags_round_trip_through_a_child_command_line() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            scaling: ScalingArgs,
+        }
+        let args = Cli::parse_from([
+            "x",
+            "--scaling-policy=predictive",
+            "--scaling-target=3",
+            "--predictive-margin-sigmas=1.5",
+        ])
+        .scaling;
+        let again = Cli::parse_from(std::iter::once("x".to_string()).chain(args.to_args()));
+        assert_eq!(again.scaling, args);
+        assert_eq!(args.policy_name(), "predictive");
     }
 }

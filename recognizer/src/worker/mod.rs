@@ -398,7 +398,7 @@ impl Worker {
             Some(Command::Revoke(Revoke { session_id, epoch })) => {
                 let Ok(session) = session_id.parse::<SessionId>() else {
                     error!(%session_id, "revoke with a malformed session id");
-                    return;
+                    return ControlFlow::Continue(());
                 };
                 let sessions = self.sessions.clone();
                 match revoke_delay() {
