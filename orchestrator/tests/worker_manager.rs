@@ -12,8 +12,9 @@ use eventlog::{Envelope, Event, SessionId};
 use orchestrator::api::allocate_worker_response::Outcome;
 use orchestrator::api::worker_manager_client::WorkerManagerClient;
 use orchestrator::api::{
-    AllocateWorkerRequest, Allocation, Assign, Queued, RegisterWorkerRequest, ReleaseWorkerRequest,
-    Revoke, SendHeartbeatRequest, SessionProgress, WorkerCommand, worker_command::Command,
+    AllocateWorkerRequest, Allocation, Assign, DrainWorkerRequest, Queued, RegisterWorkerRequest,
+    ReleaseWorkerRequest, Revoke, SendHeartbeatRequest, SessionProgress, WorkerCommand,
+    worker_command::Command,
 };
 use orchestrator::discovery::LeaderClient;
 use orchestrator::registry::{Fence, Registry, RegistryError, WorkerRecord};
@@ -49,16 +50,26 @@ struct Harness {
 impl Harness {
     /// An orchestrator leading a fresh namespace.
     async fn start(heartbeat_timeout_ms: u64) -> Self {
-        let harness = Self::replica(&format!("t-{}", Uuid::new_v4()), heartbeat_timeout_ms).await;
+        Self::start_with(heartbeat_timeout_ms, &[]).await
+    }
+
+    /// [`Self::start`] with `extra` flags.
+    async fn start_with(heartbeat_timeout_ms: u64, extra: &[&str]) -> Self {
+        let namespace = format!("t-{}", Uuid::new_v4());
+        let harness = Self::replica_with(&namespace, heartbeat_timeout_ms, extra).await;
         harness.wait_until_leading().await;
         harness
     }
 
     /// An orchestrator replica of `namespace`, leading or not.
     async fn replica(namespace: &str, heartbeat_timeout_ms: u64) -> Self {
+        Self::replica_with(namespace, heartbeat_timeout_ms, &[]).await
+    }
+
+    async fn replica_with(namespace: &str, heartbeat_timeout_ms: u64, extra: &[&str]) -> Self {
         observability::init_tracing();
         let timeout = heartbeat_timeout_ms.to_string();
-        let args = Cli::parse_from([
+        let mut argv = vec![
             "orchestrator",
             "--namespace",
             namespace,
@@ -70,8 +81,9 @@ impl Harness {
             "127.0.0.1:0",
             "--heartbeat-timeout-ms",
             &timeout,
-        ])
-        .args;
+        ];
+        argv.extend_from_slice(extra);
+        let args = Cli::parse_from(argv).args;
         let orchestrator = Orchestrator::bind(args.clone())
             .await
             .expect("orchestrator starts");
@@ -826,4 +838,109 @@ async fn a_deposed_leaders_registry_writes_nothing() {
         .query_async(&mut redis)
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_draining_worker_gets_no_new_sessions() {
+    let h = Harness::start(NO_TIMEOUT_MS).await;
+    let mut a = h.register("w-a", 1).await;
+    let mut b = h.register("w-b", 1).await;
+    let drained = h
+        .client()
+        .await
+        .drain_worker(DrainWorkerRequest {
+            worker_id: "w-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(drained.found);
+    assert_eq!(drained.sessions, 0);
+    let s = sessions(2);
+    // w-a is idle and sorts first, but drains: w-b takes the session, then nobody.
+    assert_eq!(h.allocate(s[0]).await, allocation("w-b", 1));
+    assert_eq!(b.assign().await.session_id, s[0].to_string());
+    assert_eq!(position(&h.allocate(s[1]).await), 1);
+    a.quiet().await;
+    let unknown = h
+        .client()
+        .await
+        .drain_worker(DrainWorkerRequest {
+            worker_id: "nobody".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!unknown.found);
+    let events = h.control_events(3).await;
+    assert_eq!(
+        events[2],
+        (
+            None,
+            Event::WorkerDraining {
+                worker: "w-a".into(),
+                draining: true,
+                token: 1,
+            }
+        )
+    );
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_dry_run_autoscaler_decides_from_the_streams_and_changes_nothing() {
+    let h = Harness::start_with(
+        NO_TIMEOUT_MS,
+        &[
+            "--scaling-backend=dry-run",
+            "--scaling-target=2",
+            "--scaling-check-interval-ms=50",
+        ],
+    )
+    .await;
+    let mut a = h.register("w-a", 1).await;
+    assert!(h.heartbeat("w-a", Vec::new()).await);
+    let s = sessions(3);
+    assert_eq!(h.allocate(s[0]).await, allocation("w-a", 1));
+    a.assign().await;
+    for &session in &s[1..] {
+        h.allocate(session).await;
+    }
+    // 1 active + 2 waiting + 2 free slots kept = 5 workers of one slot, decided from
+    // the control stream's allocations and queueing.
+    let mut reader = h
+        .log
+        .reader(&h.layout().control_stream(), ReadFrom::Start, None)
+        .await
+        .unwrap();
+    let decided = tokio::time::timeout(WAIT, async {
+        loop {
+            let event = reader.next().await.unwrap().unwrap().envelope.event;
+            if let Event::ScalingDecided {
+                workers: 5,
+                model,
+                policy,
+                ..
+            } = event
+            {
+                return (model, policy);
+            }
+        }
+    })
+    .await
+    .expect("a decision for 5 workers");
+    assert_eq!(decided, (MODEL.to_string(), "idle-target".to_string()));
+    reader.close().await;
+    // Nothing acted on it: still one worker, nobody drained, the queue as it was.
+    let registry = orchestrator::registry::Registry::new(
+        h.args.shared.redis().await.unwrap(),
+        h.args.shared.namespace.clone(),
+        Default::default(),
+    );
+    let workers = registry.workers().await.unwrap();
+    assert_eq!(workers.len(), 1);
+    assert!(!workers[0].draining);
+    assert!(registry.local_workers(MODEL).await.unwrap().is_empty());
+    assert_eq!(position(&h.allocate(s[2]).await), 2);
+    h.finish().await;
 }
