@@ -20,9 +20,9 @@ use eventlog::{Envelope, Event, SessionId};
 use futures::{SinkExt, StreamExt};
 use orchestrator::api::worker_manager_server::{WorkerManager, WorkerManagerServer};
 use orchestrator::api::{
-    AllocateWorkerRequest, AllocateWorkerResponse, Allocation, RegisterWorkerRequest,
-    ReleaseWorkerRequest, ReleaseWorkerResponse, SendHeartbeatRequest, SendHeartbeatResponse,
-    WorkerCommand, allocate_worker_response::Outcome,
+    AllocateWorkerRequest, AllocateWorkerResponse, Allocation, DrainWorkerRequest,
+    DrainWorkerResponse, RegisterWorkerRequest, ReleaseWorkerRequest, ReleaseWorkerResponse,
+    SendHeartbeatRequest, SendHeartbeatResponse, WorkerCommand, allocate_worker_response::Outcome,
 };
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -210,6 +210,13 @@ impl WorkerManager for AllocateAll {
         &self,
         _: Request<ReleaseWorkerRequest>,
     ) -> Result<Response<ReleaseWorkerResponse>, Status> {
+        Err(Status::unimplemented("a benchmark's stand-in"))
+    }
+
+    async fn drain_worker(
+        &self,
+        _: Request<DrainWorkerRequest>,
+    ) -> Result<Response<DrainWorkerResponse>, Status> {
         Err(Status::unimplemented("a benchmark's stand-in"))
     }
 }

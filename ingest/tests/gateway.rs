@@ -19,9 +19,9 @@ use futures::{SinkExt, StreamExt};
 use ingest::IngestArgs;
 use orchestrator::api::worker_manager_server::{WorkerManager, WorkerManagerServer};
 use orchestrator::api::{
-    AllocateWorkerRequest, AllocateWorkerResponse, Queued, RegisterWorkerRequest,
-    ReleaseWorkerRequest, ReleaseWorkerResponse, SendHeartbeatRequest, SendHeartbeatResponse,
-    WorkerCommand, allocate_worker_response::Outcome,
+    AllocateWorkerRequest, AllocateWorkerResponse, DrainWorkerRequest, DrainWorkerResponse, Queued,
+    RegisterWorkerRequest, ReleaseWorkerRequest, ReleaseWorkerResponse, SendHeartbeatRequest,
+    SendHeartbeatResponse, WorkerCommand, allocate_worker_response::Outcome,
 };
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -81,6 +81,13 @@ impl WorkerManager for FakeOrchestrator {
         &self,
         _: Request<ReleaseWorkerRequest>,
     ) -> Result<Response<ReleaseWorkerResponse>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
+
+    async fn drain_worker(
+        &self,
+        _: Request<DrainWorkerRequest>,
+    ) -> Result<Response<DrainWorkerResponse>, Status> {
         Err(Status::unimplemented("not part of this test"))
     }
 }

@@ -85,6 +85,13 @@ impl WorkerManager for FakeOrchestrator {
         self.releases.send(request.into_inner()).await.unwrap();
         Ok(Response::new(ReleaseWorkerResponse { released: true }))
     }
+
+    async fn drain_worker(
+        &self,
+        _: Request<DrainWorkerRequest>,
+    ) -> Result<Response<DrainWorkerResponse>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
 }
 
 #[derive(Parser)]
