@@ -149,9 +149,11 @@ pub struct ScalingArgs {
     /// How long a lower target must hold before workers are drained.
     #[arg(long, env = "ASR_SCALING_DOWN_AFTER_SECS", default_value_t = 60)]
     pub scaling_down_after_secs: u64,
-    /// How long a worker takes from being asked for to taking sessions (measured:
-    /// docs/BENCHMARKS.md); the predictive policy's horizon.
-    #[arg(long, env = "ASR_WORKER_STARTUP_MS", default_value_t = 2500)]
+    /// How long a worker takes from being asked for to taking sessions: measured
+    /// 1.04 s p50, 1.11 s p99 from process start to registered (`asr-bench startup`,
+    /// docs/BENCHMARKS.md), plus up to 0.2 s for `asr up` to see the decision. The
+    /// predictive policy's horizon, and the simulator's start-up delay.
+    #[arg(long, env = "ASR_WORKER_STARTUP_MS", default_value_t = 1300)]
     pub worker_startup_ms: u64,
     /// predictive: the margin, in standard deviations of the forecast.
     #[arg(long, env = "ASR_PREDICTIVE_MARGIN_SIGMAS", default_value_t = 2.0)]
