@@ -334,7 +334,7 @@ impl Up {
 
     /// Panics with the log if `asr up` exited (it is then a zombie until reaped).
     fn assert_running(&self, what: &str) {
-        if !Proc::read(self.pid).is_some_and(|p| p.state != 'Z') {
+        if Proc::read(self.pid).is_none_or(|p| p.state == 'Z') {
             panic!("asr up exited while {what}; its log:\n{}", self.log());
         }
     }
