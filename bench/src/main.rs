@@ -38,6 +38,13 @@
 //! `asr-bench catchup --sessions 100 --minutes 10` and `asr-bench audit --sessions
 //! 100000`: the projector catching up on a backlog, and the audit API's queries (see
 //! `projector`).
+//!
+//! `asr-bench startup --runs 10`: a recognizer's start-up time, the horizon of the
+//! predictive scaling policy (see `startup`).
+//!
+//! `asr-bench scaling --seeds 5`: the scaling policies on the same generated
+//! call-centre days, in the simulator: allocation wait, SLO violations, worker-seconds
+//! (see `scaling`).
 
 mod decode;
 mod failover;
@@ -48,6 +55,8 @@ mod layout;
 mod leader;
 mod projector;
 mod resume;
+mod scaling;
+mod startup;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -163,6 +172,13 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         partitions: u16,
     },
+    /// The scaling policies on generated call-centre days, in the simulator.
+    Scaling(scaling::Args),
+    /// A recognizer's start-up: process started to registered with the leader.
+    Startup {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
 }
 
 /// The heartbeat settings every process of a benchmark's system gets.
@@ -267,6 +283,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Failover(args) => failover::run(&asr_binary()?, args).await,
         Command::Leader { kills, lease_ms } => leader::run(&asr_binary()?, kills, lease_ms).await,
         Command::Resume { resumes } => resume::run(&asr_binary()?, resumes).await,
+        Command::Startup { runs } => startup::run(&asr_binary()?, runs).await,
         Command::Catchup { sessions, minutes } => {
             projector::catchup(&asr_binary()?, sessions, minutes).await
         }
@@ -289,6 +306,7 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             partitions,
         } => layout::run(sessions, seconds, partitions).await,
+        Command::Scaling(args) => scaling::run(args),
     }
 }
 

@@ -158,9 +158,17 @@ pub struct ScalingArgs {
     /// predictive: the margin, in standard deviations of the forecast.
     #[arg(long, env = "ASR_PREDICTIVE_MARGIN_SIGMAS", default_value_t = 2.0)]
     pub predictive_margin_sigmas: f64,
-    /// predictive: free slots kept even when no arrival is forecast.
-    #[arg(long, env = "ASR_PREDICTIVE_MIN_SPARE", default_value_t = 1)]
+    /// predictive: free slots kept even when no arrival is forecast. Two: with a
+    /// start-up longer than the SLO, random clumps of arrivals are only absorbed by
+    /// spares (docs/BENCHMARKS.md, scaling policies).
+    #[arg(long, env = "ASR_PREDICTIVE_MIN_SPARE", default_value_t = 2)]
     pub predictive_min_spare: u32,
+    /// predictive: the short arrival-rate window (how fast a burst is seen).
+    #[arg(long, env = "ASR_PREDICTIVE_SHORT_WINDOW_SECS", default_value_t = 10)]
+    pub predictive_short_window_secs: u64,
+    /// predictive: the long arrival-rate window (the daily curve, and the variance).
+    #[arg(long, env = "ASR_PREDICTIVE_LONG_WINDOW_SECS", default_value_t = 300)]
+    pub predictive_long_window_secs: u64,
 }
 
 impl ScalingArgs {
@@ -205,6 +213,14 @@ impl ScalingArgs {
                 self.predictive_margin_sigmas
             ),
             format!("--predictive-min-spare={}", self.predictive_min_spare),
+            format!(
+                "--predictive-short-window-secs={}",
+                self.predictive_short_window_secs
+            ),
+            format!(
+                "--predictive-long-window-secs={}",
+                self.predictive_long_window_secs
+            ),
         ]
     }
 
@@ -218,6 +234,10 @@ impl ScalingArgs {
                 self.worker_startup() + self.check_interval(),
                 self.predictive_margin_sigmas,
                 self.predictive_min_spare,
+                (
+                    Duration::from_secs(self.predictive_short_window_secs.max(1)),
+                    Duration::from_secs(self.predictive_long_window_secs.max(1)),
+                ),
             )),
         };
         Scaler::new(policy, self.bounds())
@@ -298,6 +318,8 @@ mod tests {
             worker_startup_ms: 2500,
             predictive_margin_sigmas: 2.0,
             predictive_min_spare: 1,
+            predictive_short_window_secs: 10,
+            predictive_long_window_secs: 300,
         };
         let mut s = args.scaler();
         let quiet = LoadProjection {

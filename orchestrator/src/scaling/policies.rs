@@ -50,13 +50,19 @@ pub struct Predictive {
 }
 
 impl Predictive {
-    pub fn new(horizon: Duration, margin_sigmas: f64, min_spare: u32) -> Self {
+    /// `windows` are the short and the long rate windows.
+    pub fn new(
+        horizon: Duration,
+        margin_sigmas: f64,
+        min_spare: u32,
+        (short_window, long_window): (Duration, Duration),
+    ) -> Self {
         Self {
             horizon,
             margin_sigmas,
             min_spare,
-            short_window: Duration::from_secs(10),
-            long_window: Duration::from_secs(300),
+            short_window,
+            long_window,
             samples: VecDeque::new(),
         }
     }
@@ -92,7 +98,10 @@ impl Predictive {
         else {
             return 0.0;
         };
-        let span = now.saturating_sub(from).as_secs_f64();
+        // Over the whole window even before it has all been observed: right after a
+        // start (a new leader) two arrivals a moment apart are not a rate of several
+        // calls a second.
+        let span = now.saturating_sub(from).max(window).as_secs_f64();
         if span <= 0.0 {
             0.0
         } else {
@@ -143,6 +152,7 @@ mod tests {
     use super::*;
 
     const S: Duration = Duration::from_secs(1);
+    const WINDOWS: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(300));
 
     fn load(active: u32, arrivals_total: u64) -> LoadProjection {
         LoadProjection {
@@ -168,7 +178,7 @@ mod tests {
 
     #[test]
     fn predictive_without_arrivals_keeps_only_the_minimum_spare() {
-        let mut policy = Predictive::new(3 * S, 2.0, 1);
+        let mut policy = Predictive::new(3 * S, 2.0, 1, WINDOWS);
         for t in 0..60 {
             assert_eq!(policy.target(t * S, &load(4, 100)), 5, "at {t} s");
         }
@@ -178,7 +188,7 @@ mod tests {
     fn predictive_covers_a_steady_rate_over_the_horizon_with_a_margin() {
         // One arrival per second, perfectly regular: forecast 3 over a 3 s horizon,
         // dispersion 1, margin 2 * sqrt(3) = 3.46: 7 spare slots.
-        let mut policy = Predictive::new(3 * S, 2.0, 1);
+        let mut policy = Predictive::new(3 * S, 2.0, 1, WINDOWS);
         let mut wanted = 0;
         for t in 0..=120 {
             wanted = policy.target(t * S, &load(10, u64::from(t)));
@@ -188,7 +198,7 @@ mod tests {
 
     #[test]
     fn predictive_reacts_to_a_burst_within_the_short_window() {
-        let mut policy = Predictive::new(3 * S, 2.0, 1);
+        let mut policy = Predictive::new(3 * S, 2.0, 1, WINDOWS);
         // A quiet line: one call a minute for ten minutes.
         let mut total = 0;
         for t in 0..600 {
@@ -213,8 +223,8 @@ mod tests {
 
     #[test]
     fn bursty_arrivals_get_a_wider_margin_than_steady_ones_of_the_same_rate() {
-        let mut steady = Predictive::new(3 * S, 2.0, 0);
-        let mut bursty = Predictive::new(3 * S, 2.0, 0);
+        let mut steady = Predictive::new(3 * S, 2.0, 0, WINDOWS);
+        let mut bursty = Predictive::new(3 * S, 2.0, 0, WINDOWS);
         let (mut steady_total, mut bursty_total) = (0, 0);
         for t in 0..300 {
             steady_total += 1;
@@ -230,8 +240,24 @@ mod tests {
     }
 
     #[test]
+    fn a_fresh_start_does_not_read_a_few_arrivals_as_a_flood() {
+        // Three calls 100 ms apart right after a start (a new leader): over the 10 s
+        // window that is 0.3 calls/s, not 10.
+        let mut policy = Predictive::new(3 * S, 2.0, 1, WINDOWS);
+        let ms = Duration::from_millis(100);
+        for i in 0..3u32 {
+            policy.target(i * ms, &load(0, u64::from(i) + 1));
+        }
+        assert!(
+            policy.spare_slots(2 * ms) <= 4,
+            "{}",
+            policy.spare_slots(2 * ms)
+        );
+    }
+
+    #[test]
     fn a_projection_that_starts_over_does_not_confuse_the_rates() {
-        let mut policy = Predictive::new(3 * S, 2.0, 1);
+        let mut policy = Predictive::new(3 * S, 2.0, 1, WINDOWS);
         for t in 0..30 {
             policy.target(t * S, &load(0, 1000 + u64::from(t)));
         }
