@@ -26,8 +26,8 @@ use eventlog::streams::StreamLayout;
 use eventlog::{AudioFormat, Envelope, Event, SessionId, now_ms};
 use orchestrator::api::worker_command::Command;
 use orchestrator::api::{
-    Assign, RegisterWorkerRequest, ReleaseWorkerRequest, Revoke, SendHeartbeatRequest, Stop,
-    SessionProgress,
+    Assign, RegisterWorkerRequest, ReleaseWorkerRequest, Revoke, SendHeartbeatRequest,
+    SessionProgress, Stop,
 };
 use orchestrator::discovery::LeaderClient;
 use tokio::sync::Notify;
