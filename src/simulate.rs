@@ -54,21 +54,26 @@ pub struct TraceArgs {
     params: TraceParams,
 }
 
+impl SimulateArgs {
+    /// What one policy's run simulates.
+    fn setup(&self, scaling: ScalingArgs) -> SimulationSetup {
+        SimulationSetup {
+            scaling,
+            capacity_per_worker: self.capacity,
+            slo: Duration::from_millis(self.slo_ms),
+        }
+    }
+}
+
 /// `asr simulate`.
 pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let trace = read_trace(&args.trace)?;
-    let slo = Duration::from_millis(args.slo_ms);
     let mut runs = Vec::with_capacity(args.policies.len());
     for &policy in &args.policies {
-        let scaling = ScalingArgs {
+        let setup = args.setup(ScalingArgs {
             scaling_policy: policy,
             ..args.scaling.clone()
-        };
-        let setup = SimulationSetup {
-            scaling,
-            capacity_per_worker: args.capacity,
-            slo,
-        };
+        });
         let report = simulate(&trace, &setup)
             .with_context(|| format!("simulating {}", setup.scaling.policy_name()))?;
         runs.push((setup.scaling, report));
@@ -131,17 +136,7 @@ fn print_table(args: &SimulateArgs, trace: &Trace, runs: &[(ScalingArgs, Report)
         trace.calls().len(),
         trace.span().as_secs_f64() / 3600.0
     );
-    println!(
-        "worker start-up {} ms, check every {} ms, {}..{} workers, scale down after {} s, \
-         capacity {}, SLO {} ms",
-        s.worker_startup_ms,
-        s.scaling_check_interval_ms,
-        s.scaling_min_workers,
-        s.scaling_max_workers,
-        s.scaling_down_after_secs,
-        args.capacity,
-        args.slo_ms
-    );
+    println!("{}", args.setup(s.clone()));
     for (scaling, _) in runs {
         println!("{}: {}", scaling.policy_name(), policy_tuning(scaling));
     }

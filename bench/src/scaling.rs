@@ -175,17 +175,12 @@ fn print_parameters(args: &Args, params: &TraceParams, traces: &[(u64, Trace)]) 
             busy_worker_seconds(trace, args.capacity)
         );
     }
-    println!(
-        "fleet: worker start-up {} ms, check every {} ms, {}..{} workers, scale down after \
-         {} s, capacity {}, SLO {} ms",
-        s.worker_startup_ms,
-        s.scaling_check_interval_ms,
-        s.scaling_min_workers,
-        s.scaling_max_workers,
-        s.scaling_down_after_secs,
-        args.capacity,
-        args.slo_ms
-    );
+    let fleet = SimulationSetup {
+        scaling: s.clone(),
+        capacity_per_worker: args.capacity,
+        slo: Duration::from_millis(args.slo_ms),
+    };
+    println!("fleet: {fleet}");
     println!(
         "predictive: margin {} sigmas, min spare {}, rate windows {} s and {} s, horizon {} ms",
         s.predictive_margin_sigmas,

@@ -47,6 +47,25 @@ pub struct SimulationSetup {
     pub slo: Duration,
 }
 
+/// The fleet a simulation runs, in one line for the reader of its results.
+impl std::fmt::Display for SimulationSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.scaling;
+        write!(
+            f,
+            "worker start-up {} ms, check every {} ms, {}..{} workers, scale down after {} s, \
+             capacity {}, SLO {} ms",
+            s.worker_startup_ms,
+            s.scaling_check_interval_ms,
+            s.scaling_min_workers,
+            s.scaling_max_workers,
+            s.scaling_down_after_secs,
+            self.capacity_per_worker,
+            self.slo.as_millis()
+        )
+    }
+}
+
 /// What a simulation measured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Report {
