@@ -5,6 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+#[path = "support/fake_kubernetes.rs"]
+mod fake_kubernetes;
+
 use clap::Parser;
 use eventlog::log::{ReadFrom, StreamLog};
 use eventlog::streams::StreamLayout;
@@ -942,5 +945,89 @@ async fn a_dry_run_autoscaler_decides_from_the_streams_and_changes_nothing() {
     assert!(!workers[0].draining);
     assert!(registry.local_workers(MODEL).await.unwrap().is_empty());
     assert_eq!(position(&h.allocate(s[2]).await), 2);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn the_autoscaler_scales_a_statefulset_up_for_waiting_callers_and_down_from_the_top() {
+    let api = fake_kubernetes::FakeApi::start(&[("statefulsets", "recognizer", 1)]).await;
+    let workload = format!("{MODEL}=statefulset/recognizer");
+    let h = Harness::start_with(
+        NO_TIMEOUT_MS,
+        &[
+            "--scaling-backend=kubernetes",
+            "--kubernetes-api-url",
+            &api.url,
+            "--kubernetes-namespace",
+            fake_kubernetes::NAMESPACE,
+            "--kubernetes-workload",
+            &workload,
+            "--scaling-target=0",
+            "--scaling-check-interval-ms=50",
+            "--scaling-down-after-secs=0",
+            "--drain-timeout-secs=600",
+        ],
+    )
+    .await;
+    let wait_for = async |what: &str, check: &dyn Fn() -> bool| {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !check() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: {:?}",
+                api.requests()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // Pod 0 serves one caller; two more wait: the StatefulSet goes to 3 replicas.
+    let mut pods = vec![h.register("recognizer-0", 1).await];
+    let s = sessions(3);
+    assert_eq!(h.allocate(s[0]).await, allocation("recognizer-0", 1));
+    pods[0].assign().await;
+    h.allocate(s[1]).await;
+    h.allocate(s[2]).await;
+    wait_for("scaled to 3", &|| {
+        api.replicas("statefulsets", "recognizer") == 3
+    })
+    .await;
+    for (i, session) in s.iter().enumerate().skip(1) {
+        let mut pod = h.register(&format!("recognizer-{i}"), 1).await;
+        assert_eq!(pod.assign().await.session_id, session.to_string());
+        pods.push(pod);
+    }
+    // Calls end on pods 0 and 2 first: only the highest ordinal may go, so pod 2 is
+    // drained and retired (the StatefulSet then removes exactly that pod), while pod
+    // 1, still serving, is drained but stays until its call ends.
+    assert!(h.release("recognizer-0", s[0], 1).await);
+    assert!(h.release("recognizer-2", s[2], 1).await);
+    wait_for("scaled to 2", &|| {
+        api.replicas("statefulsets", "recognizer") == 2
+    })
+    .await;
+    assert!(matches!(pods[2].next().await, Some(Command::Stop(_))));
+    assert_eq!(api.patched(), [3, 2], "pod 1 still serves its caller");
+    assert!(h.release("recognizer-1", s[1], 1).await);
+    wait_for("scaled to 1", &|| {
+        api.replicas("statefulsets", "recognizer") == 1
+    })
+    .await;
+    assert!(matches!(pods[1].next().await, Some(Command::Stop(_))));
+    assert_eq!(api.patched(), [3, 2, 1]);
+    for request in api.requests() {
+        // Only the scale subresource, and only plain merge patches.
+        assert_eq!(
+            request.path,
+            fake_kubernetes::scale_path("statefulsets", "recognizer")
+        );
+        assert_eq!(request.query.as_deref().unwrap_or(""), "");
+        if request.method == axum::http::Method::PATCH {
+            assert_eq!(
+                request.content_type.as_deref(),
+                Some("application/merge-patch+json")
+            );
+        }
+    }
+    pods[0].quiet().await;
     h.finish().await;
 }
