@@ -791,6 +791,13 @@ async fn draining_a_worker_hands_its_live_session_off_without_losing_a_word() {
         let wav = call(up, "drained", &sentences);
         // The transcript of record: the same audio, nobody drained.
         let reference = up.transcribe(&wav, 0.0).await;
+        // Its worker releases it just after the client has its transcript.
+        up.wait_until(
+            "the reference call is released",
+            Duration::from_secs(30),
+            async |up| up.registered().iter().all(|w| up.sessions_of(w).is_empty()),
+        )
+        .await;
 
         // The same call again, at the caller's pace this time, drained mid-call.
         let session = up.transcribe(&wav, 1.0);
@@ -801,13 +808,17 @@ async fn draining_a_worker_hands_its_live_session_off_without_losing_a_word() {
                     sessions.first().map(|s| (w.clone(), s.clone()))
                 })
             };
+            let mut found = None;
             up.wait_until(
                 "the call is assigned",
                 Duration::from_secs(30),
-                async |up| serving(up).await.is_some(),
+                async |up| {
+                    found = serving(up).await;
+                    found.is_some()
+                },
             )
             .await;
-            let (worker, session) = serving(up).await.expect("the serving worker");
+            let (worker, session) = found.expect("the serving worker");
             // Drain once the first sentence is final: the session's checkpoint exists.
             let checkpoint = format!("{}:checkpoint:{session}", up.namespace);
             up.wait_until(
