@@ -13,6 +13,7 @@
 //! ([`WorkerManagerService::retire`]), as after a failure, so nothing is lost.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,7 +72,7 @@ struct Term {
     started: Instant,
     started_ms: u64,
     /// Unix ms of the newest heartbeat folded: caught up once it is from this term.
-    newest_heartbeat_ms: Arc<std::sync::atomic::AtomicU64>,
+    newest_heartbeat_ms: Arc<AtomicU64>,
 }
 
 impl Drop for Term {
@@ -119,7 +120,7 @@ impl Autoscaler {
         let tracker = Arc::new(Mutex::new(LoadTracker::new(
             self.stale_after.as_millis() as u64
         )));
-        let newest_heartbeat_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let newest_heartbeat_ms = Arc::new(AtomicU64::new(0));
         let streams = (0..self.layout.partitions)
             .map(|p| self.layout.audio_partition(p))
             .chain([self.layout.control_stream(), self.layout.heartbeat_stream()]);
@@ -252,9 +253,7 @@ impl Autoscaler {
 
 impl Term {
     fn caught_up(&self) -> bool {
-        self.newest_heartbeat_ms
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= self.started_ms
+        self.newest_heartbeat_ms.load(Ordering::Relaxed) >= self.started_ms
             || self.started.elapsed() >= WARM_UP_MAX
     }
 }
@@ -273,7 +272,7 @@ async fn fold_stream(
     stream: String,
     from: ReadFrom,
     tracker: Arc<Mutex<LoadTracker>>,
-    newest_heartbeat_ms: Arc<std::sync::atomic::AtomicU64>,
+    newest_heartbeat_ms: Arc<AtomicU64>,
 ) {
     let mut reader = match log.reader(&stream, from, None).await {
         Ok(reader) => reader,
@@ -286,8 +285,7 @@ async fn fold_stream(
         match record {
             Ok(record) => {
                 if matches!(record.envelope.event, Event::Heartbeat { .. }) {
-                    newest_heartbeat_ms
-                        .fetch_max(record.envelope.at_ms, std::sync::atomic::Ordering::Relaxed);
+                    newest_heartbeat_ms.fetch_max(record.envelope.at_ms, Ordering::Relaxed);
                 }
                 tracker
                     .lock()
