@@ -239,7 +239,7 @@ impl Autoscaler {
             {
                 continue;
             }
-            if self.backend.retire(model, &worker.id).await? {
+            if self.backend.retire(model, &worker.id, views).await? {
                 let moved = self.service.retire(&worker.id).await?.unwrap_or(0);
                 term.draining_since.remove(&worker.id);
                 term.drained_here.remove(&worker.id);

@@ -9,7 +9,11 @@
 //! is what the HorizontalPodAutoscaler and `kubectl scale` use, so the three agree.
 //!
 //! A StatefulSet scaled down removes its highest-numbered pods first ([`crate::scaling::fleet::ordinal`]): the
-//! orchestrator drains those workers before it lowers the replicas.
+//! orchestrator drains those workers before it lowers the replicas. A Deployment removes
+//! the pods its ReplicaSet ranks first: not ready before ready, then the lowest
+//! `controller.kubernetes.io/pod-deletion-cost`; so the orchestrator gives the drained
+//! pod the lowest cost there is ([`KubernetesScaler::prefer_removal`]), and lowers the
+//! replicas only while no pod of the workload is still starting.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,6 +23,7 @@ use std::time::Duration;
 use clap::Args;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v1::Scale;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, Config};
 use serde::de::DeserializeOwned;
@@ -27,6 +32,10 @@ use serde_json::json;
 /// How long one call to the API server may take: a hung call must not stall the
 /// scaling loop (kube sets no read timeout by default).
 const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pod annotation a ReplicaSet reads when it chooses which of its ready pods a
+/// scale-down removes: the lowest cost first (Kubernetes >= 1.22).
+pub const POD_DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 
 /// Where the recognizer workloads are and how to reach the API server.
 #[derive(Args, Clone, Debug)]
@@ -94,19 +103,20 @@ pub enum KubernetesError {
     Config(#[source] kube::config::InferConfigError),
     #[error("building the Kubernetes client: {0}")]
     Client(#[source] kube::Error),
-    /// The API server answered with an error: `code` is its HTTP status (404 for a
-    /// workload that does not exist, 403 for missing RBAC on `*/scale`).
-    #[error("Kubernetes API on {workload}: {code} {reason}: {message}")]
+    /// The API server answered with an error about `object` (`statefulset/NAME`,
+    /// `pod/NAME`): `code` is its HTTP status (404 for one that does not exist, 403
+    /// for missing RBAC).
+    #[error("Kubernetes API on {object}: {code} {reason}: {message}")]
     Api {
-        workload: Workload,
+        object: String,
         code: u16,
         reason: String,
         message: String,
     },
     /// The API server could not be reached or its answer not read.
-    #[error("Kubernetes API on {workload}: {source}")]
+    #[error("Kubernetes API on {object}: {source}")]
     Request {
-        workload: Workload,
+        object: String,
         #[source]
         source: kube::Error,
     },
@@ -200,18 +210,34 @@ impl KubernetesScaler {
                 .await
             }
         };
-        result.map_err(|error| match error {
-            kube::Error::Api(status) => KubernetesError::Api {
-                workload: workload.clone(),
-                code: status.code,
-                reason: status.reason,
-                message: status.message,
-            },
-            source => KubernetesError::Request {
-                workload: workload.clone(),
-                source,
-            },
-        })
+        result.map_err(|error| api_error(workload.to_string(), error))
+    }
+
+    /// Makes `pod` the first pod its Deployment's next scale-down removes (among ready
+    /// pods) by setting its [`POD_DELETION_COST`] to the lowest value there is.
+    /// Returns `false` when there is no such pod: the worker id is not a pod name.
+    pub async fn prefer_removal(&self, pod: &str) -> Result<bool, KubernetesError> {
+        let pods = Api::<Pod>::namespaced(self.client.clone(), &self.namespace);
+        let patch = Patch::Merge(json!({
+            "metadata": { "annotations": { POD_DELETION_COST: i32::MIN.to_string() } }
+        }));
+        match pods.patch(pod, &PatchParams::default(), &patch).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+            Err(error) => Err(api_error(format!("pod/{pod}"), error)),
+        }
+    }
+}
+
+fn api_error(object: String, error: kube::Error) -> KubernetesError {
+    match error {
+        kube::Error::Api(status) => KubernetesError::Api {
+            object,
+            code: status.code,
+            reason: status.reason,
+            message: status.message,
+        },
+        source => KubernetesError::Request { object, source },
     }
 }
 

@@ -8,13 +8,17 @@
 //!   before the worker is told to stop, so its supervisor lets it go.
 //! - [`Backend::Kubernetes`]: the scale subresource of the model's StatefulSet or
 //!   Deployment ([`KubernetesScaler`]). A StatefulSet removes its highest ordinals,
-//!   so those are drained first and retired from the top down.
+//!   so those are drained first and retired from the top down. A Deployment removes
+//!   the pod with the lowest deletion cost among ready ones, so a drained pod is given
+//!   the lowest cost just before the replicas go down, and only while no pod of the
+//!   workload is starting (a pod not ready yet would be removed first).
 
 use std::collections::HashMap;
 
 use clap::ValueEnum;
 use thiserror::Error;
 use tokio::sync::Mutex;
+use tracing::warn;
 
 use crate::kubernetes::{KubernetesError, KubernetesScaler, WorkloadKind};
 use crate::registry::{Registry, RegistryError};
@@ -160,8 +164,13 @@ impl Backend {
 
     /// Removes a drained worker from what the backend runs; `false` when it cannot be
     /// removed yet. Called before the worker is told to stop, so that nothing restarts
-    /// it.
-    pub async fn retire(&self, model: &str, worker: &str) -> Result<bool, BackendError> {
+    /// it. `live` are the model's registered workers.
+    pub async fn retire(
+        &self,
+        model: &str,
+        worker: &str,
+        live: &[WorkerView],
+    ) -> Result<bool, BackendError> {
         match self {
             Backend::DryRun => Ok(false),
             Backend::Local(registry) => {
@@ -172,12 +181,29 @@ impl Backend {
             }
             Backend::Kubernetes { scaler, replicas } => {
                 let current = self.replicas(model).await?;
-                // Scaling a StatefulSet down removes pod `current - 1`: it must be
-                // this one (a lower pod that died is not the one drained).
-                if self.removal_order(model) == RemovalOrder::HighestOrdinal
-                    && ordinal(worker) != current.checked_sub(1)
-                {
-                    return Ok(false);
+                match self.removal_order(model) {
+                    // Scaling a StatefulSet down removes pod `current - 1`: it must be
+                    // this one (a lower pod that died is not the one drained).
+                    RemovalOrder::HighestOrdinal => {
+                        if ordinal(worker) != current.checked_sub(1) {
+                            return Ok(false);
+                        }
+                    }
+                    // A ReplicaSet removes a pod that is not ready before any ready
+                    // one, whatever its deletion cost.
+                    RemovalOrder::LeastLoaded => {
+                        if self.starting(model, live).await? > 0 {
+                            return Ok(false);
+                        }
+                        if !scaler.prefer_removal(worker).await? {
+                            warn!(
+                                model,
+                                worker,
+                                "the drained worker is no pod of the Deployment (is its worker id \
+                                 the pod name?): Kubernetes picks the pod to remove"
+                            );
+                        }
+                    }
                 }
                 let target = current.saturating_sub(1);
                 scaler.scale(model, target).await?;

@@ -7,8 +7,10 @@
 mod fake_kubernetes;
 
 use axum::http::Method;
-use fake_kubernetes::{FakeApi, NAMESPACE, scale_path};
-use orchestrator::kubernetes::{KubernetesArgs, KubernetesError, KubernetesScaler, WorkloadKind};
+use fake_kubernetes::{FakeApi, NAMESPACE, pod_path, scale_path};
+use orchestrator::kubernetes::{
+    KubernetesArgs, KubernetesError, KubernetesScaler, POD_DELETION_COST, WorkloadKind,
+};
 use serde_json::json;
 
 /// A scaler for `workloads` (`MODEL=KIND/NAME`) that talks to the fake server, as the
@@ -134,7 +136,7 @@ async fn a_missing_workload_is_the_api_servers_not_found() {
 
     let error = scaler.scale("m", 2).await.unwrap_err();
     let KubernetesError::Api {
-        workload,
+        object,
         code,
         reason,
         message,
@@ -142,7 +144,7 @@ async fn a_missing_workload_is_the_api_servers_not_found() {
     else {
         panic!("not an API error: {error:?}");
     };
-    assert_eq!(workload.to_string(), "statefulset/missing");
+    assert_eq!(object, "statefulset/missing");
     assert_eq!((*code, reason.as_str()), (404, "NotFound"));
     assert_eq!(message, "statefulsets.apps \"missing\" not found");
     assert!(
@@ -163,4 +165,46 @@ async fn a_model_configured_twice_is_refused() {
         matches!(&error, KubernetesError::DuplicateModel(model) if model == "m"),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn preferring_a_pod_for_removal_gives_it_the_lowest_deletion_cost() {
+    let api = FakeApi::start(&[("deployments", "recognizer", 2)]).await;
+    api.add_pods(&["recognizer-7f9c4-x2k8q", "recognizer-7f9c4-p5m2z"]);
+    let scaler = scaler(&api, &["m=deployment/recognizer"]).await;
+
+    assert!(
+        scaler
+            .prefer_removal("recognizer-7f9c4-x2k8q")
+            .await
+            .unwrap()
+    );
+
+    let requests = api.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    let patch = &requests[0];
+    assert_eq!(patch.method, Method::PATCH);
+    assert_eq!(patch.path, pod_path("recognizer-7f9c4-x2k8q"));
+    assert_eq!(
+        patch.content_type.as_deref(),
+        Some("application/merge-patch+json")
+    );
+    let cheapest = json!({ POD_DELETION_COST: i32::MIN.to_string() });
+    assert_eq!(
+        patch.body,
+        json!({ "metadata": { "annotations": cheapest } })
+    );
+    assert_eq!(api.pod_annotations("recognizer-7f9c4-x2k8q"), cheapest);
+    assert_eq!(api.pod_annotations("recognizer-7f9c4-p5m2z"), json!({}));
+    // The scale is left alone: lowering it is the caller's next step.
+    assert_eq!(api.replicas("deployments", "recognizer"), 2);
+}
+
+#[tokio::test]
+async fn a_worker_id_that_is_no_pod_is_not_preferred_and_not_an_error() {
+    let api = FakeApi::start(&[("deployments", "recognizer", 2)]).await;
+    let scaler = scaler(&api, &["m=deployment/recognizer"]).await;
+
+    assert!(!scaler.prefer_removal("recognizer-1").await.unwrap());
+    assert_eq!(api.requests().len(), 1);
 }

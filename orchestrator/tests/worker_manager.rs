@@ -22,6 +22,7 @@ use orchestrator::api::{
 use orchestrator::discovery::LeaderClient;
 use orchestrator::registry::{Fence, Registry, RegistryError, WorkerRecord};
 use orchestrator::{Orchestrator, OrchestratorArgs};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -129,6 +130,15 @@ impl Harness {
 
     fn layout(&self) -> StreamLayout {
         self.args.shared.layout()
+    }
+
+    /// The orchestrator's registry, read behind its back (unfenced: tests only read).
+    async fn registry(&self) -> Registry {
+        Registry::new(
+            self.args.shared.redis().await.unwrap(),
+            self.args.shared.namespace.clone(),
+            Fence::default(),
+        )
     }
 
     async fn client(&self) -> WorkerManagerClient<Channel> {
@@ -935,11 +945,7 @@ async fn a_dry_run_autoscaler_decides_from_the_streams_and_changes_nothing() {
     assert_eq!(decided, (MODEL.to_string(), "idle-target".to_string()));
     reader.close().await;
     // Nothing acted on it: still one worker, nobody drained, the queue as it was.
-    let registry = orchestrator::registry::Registry::new(
-        h.args.shared.redis().await.unwrap(),
-        h.args.shared.namespace.clone(),
-        Default::default(),
-    );
+    let registry = h.registry().await;
     let workers = registry.workers().await.unwrap();
     assert_eq!(workers.len(), 1);
     assert!(!workers[0].draining);
@@ -1029,5 +1035,110 @@ async fn the_autoscaler_scales_a_statefulset_up_for_waiting_callers_and_down_fro
         }
     }
     pods[0].quiet().await;
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn the_autoscaler_has_a_deployment_remove_the_pods_it_drained() {
+    const A: &str = "recognizer-7f9c4-aaaaa";
+    const B: &str = "recognizer-7f9c4-bbbbb";
+    const C: &str = "recognizer-7f9c4-ccccc";
+    let api = fake_kubernetes::FakeApi::start(&[("deployments", "recognizer", 3)]).await;
+    api.add_pods(&[A, B, C]);
+    let workload = format!("{MODEL}=deployment/recognizer");
+    let h = Harness::start_with(
+        NO_TIMEOUT_MS,
+        &[
+            "--scaling-backend=kubernetes",
+            "--kubernetes-api-url",
+            &api.url,
+            "--kubernetes-namespace",
+            fake_kubernetes::NAMESPACE,
+            "--kubernetes-workload",
+            &workload,
+            "--scaling-target=0",
+            "--scaling-min-workers=1",
+            "--scaling-check-interval-ms=50",
+            "--scaling-down-after-secs=0",
+        ],
+    )
+    .await;
+    let registry = h.registry().await;
+    // Three replicas, no caller, one worker wanted: the two registered pods are
+    // drained while the third still starts. A ReplicaSet removes a pod that is not
+    // ready before any other, so neither drained pod may go yet.
+    let mut pods = vec![h.register(A, 1).await, h.register(B, 1).await];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !registry
+        .workers()
+        .await
+        .unwrap()
+        .iter()
+        .all(|worker| worker.draining)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(api.replicas("deployments", "recognizer"), 3);
+    assert!(
+        api.requests()
+            .iter()
+            .all(|request| request.method != axum::http::Method::PATCH),
+        "{:?}",
+        api.requests()
+    );
+
+    // The third pod is ready: each drained pod gets the lowest deletion cost, then
+    // the replicas go down by one, and the worker is told to stop.
+    let mut c = h.register(C, 1).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while api.replicas("deployments", "recognizer") != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            api.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for pod in &mut pods {
+        assert!(matches!(pod.next().await, Some(Command::Stop(_))));
+    }
+    let cheapest = json!({ "controller.kubernetes.io/pod-deletion-cost": "-2147483648" });
+    assert_eq!(api.pod_annotations(A), cheapest);
+    assert_eq!(api.pod_annotations(B), cheapest);
+    assert_eq!(api.pod_annotations(C), json!({}));
+    let patches: Vec<(String, serde_json::Value)> = api
+        .requests()
+        .into_iter()
+        .filter(|request| request.method == axum::http::Method::PATCH)
+        .map(|request| (request.path, request.body))
+        .collect();
+    let scale = fake_kubernetes::scale_path("deployments", "recognizer");
+    let first = if patches[0].0 == fake_kubernetes::pod_path(A) {
+        A
+    } else {
+        B
+    };
+    let second = if first == A { B } else { A };
+    assert_eq!(
+        patches,
+        [
+            (
+                fake_kubernetes::pod_path(first),
+                json!({ "metadata": { "annotations": cheapest } })
+            ),
+            (scale.clone(), json!({ "spec": { "replicas": 2 } })),
+            (
+                fake_kubernetes::pod_path(second),
+                json!({ "metadata": { "annotations": cheapest } })
+            ),
+            (scale, json!({ "spec": { "replicas": 1 } })),
+        ]
+    );
+    let workers = registry.workers().await.unwrap();
+    assert_eq!(workers.len(), 1);
+    assert_eq!((workers[0].id.as_str(), workers[0].draining), (C, false));
+    c.quiet().await;
     h.finish().await;
 }

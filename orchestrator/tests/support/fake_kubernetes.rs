@@ -1,6 +1,6 @@
 //! A fake Kubernetes API server that answers the `scale` subresource of StatefulSets
-//! and Deployments like the real one and records every request, so tests see exactly
-//! what the orchestrator would send a cluster. Shared by `tests/kubernetes.rs` (the
+//! and Deployments and merge patches of pods like the real one, and records every
+//! request, so tests see exactly what the orchestrator would send a cluster. Shared by `tests/kubernetes.rs` (the
 //! backend alone) and `tests/worker_manager.rs` (the autoscaler acting through it).
 
 use std::collections::HashMap;
@@ -30,6 +30,8 @@ struct FakeState {
     requests: Vec<Recorded>,
     /// `spec.replicas` by (resource, namespace, name): the workloads that exist.
     replicas: HashMap<(String, String, String), u32>,
+    /// `metadata.annotations` by (namespace, name): the pods that exist.
+    pods: HashMap<(String, String), Value>,
 }
 
 /// A fake API server on 127.0.0.1 holding the given workloads (`("statefulsets",
@@ -54,6 +56,21 @@ impl FakeApi {
         Self { url, state }
     }
 
+    /// Pods `names` in namespace [`NAMESPACE`], without annotations.
+    pub fn add_pods(&self, names: &[&str]) {
+        let mut state = self.state.lock().unwrap();
+        for name in names {
+            let key = (NAMESPACE.to_owned(), (*name).to_owned());
+            state.pods.insert(key, json!({}));
+        }
+    }
+
+    /// The annotations of pod `name` now.
+    pub fn pod_annotations(&self, name: &str) -> Value {
+        let key = (NAMESPACE.to_owned(), name.to_owned());
+        self.state.lock().unwrap().pods[&key].clone()
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.lock().unwrap().requests.clone()
     }
@@ -64,7 +81,7 @@ impl FakeApi {
         self.state.lock().unwrap().replicas[&key]
     }
 
-    /// The replicas set by each PATCH so far, in order.
+    /// The replicas set by each PATCH of a scale subresource so far, in order.
     pub fn patched(&self) -> Vec<u64> {
         self.requests()
             .iter()
@@ -78,9 +95,14 @@ pub fn scale_path(resource: &str, name: &str) -> String {
     format!("/apis/apps/v1/namespaces/{NAMESPACE}/{resource}/{name}/scale")
 }
 
+pub fn pod_path(name: &str) -> String {
+    format!("/api/v1/namespaces/{NAMESPACE}/pods/{name}")
+}
+
 /// Records the request, then answers `GET` and `PATCH` on
 /// `/apis/apps/v1/namespaces/{ns}/{statefulsets|deployments}/{name}/scale` with the
-/// `autoscaling/v1` `Scale`, and anything else with a `NotFound` `Status`.
+/// `autoscaling/v1` `Scale`, a merge `PATCH` of `/api/v1/namespaces/{ns}/pods/{name}`'s
+/// annotations with the `Pod`, and anything else with a `NotFound` `Status`.
 async fn answer(
     State(state): State<Arc<Mutex<FakeState>>>,
     method: Method,
@@ -100,6 +122,27 @@ async fn answer(
         body: body.clone(),
     });
     let segments: Vec<&str> = uri.path().trim_start_matches('/').split('/').collect();
+    if let ["api", "v1", "namespaces", namespace, "pods", name] = segments[..] {
+        let key = (namespace.to_owned(), name.to_owned());
+        let Some(annotations) = state.pods.get_mut(&key) else {
+            return not_found(&format!("pods \"{name}\" not found"));
+        };
+        if method != Method::PATCH {
+            return (StatusCode::METHOD_NOT_ALLOWED, "").into_response();
+        }
+        let Some(patch) = body["metadata"]["annotations"].as_object() else {
+            return (StatusCode::BAD_REQUEST, "no metadata.annotations").into_response();
+        };
+        for (annotation, value) in patch {
+            annotations[annotation] = value.clone();
+        }
+        return axum::Json(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": name, "namespace": namespace, "annotations": annotations },
+        }))
+        .into_response();
+    }
     let [
         "apis",
         "apps",
