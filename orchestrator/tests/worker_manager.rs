@@ -66,6 +66,31 @@ impl Harness {
     }
 
     /// An orchestrator replica of `namespace`, leading or not.
+    /// With an autoscaler acting on `workload` (`KIND/NAME`) through the fake API
+    /// server: one worker per caller (at least one), checked every 50 ms, scaled down
+    /// at once, drains never timing out.
+    async fn start_scaling_on(api: &fake_kubernetes::FakeApi, workload: &str) -> Self {
+        let workload = format!("{MODEL}={workload}");
+        Self::start_with(
+            NO_TIMEOUT_MS,
+            &[
+                "--scaling-backend=kubernetes",
+                "--kubernetes-api-url",
+                &api.url,
+                "--kubernetes-namespace",
+                fake_kubernetes::NAMESPACE,
+                "--kubernetes-workload",
+                &workload,
+                "--scaling-target=0",
+                "--scaling-min-workers=1",
+                "--scaling-check-interval-ms=50",
+                "--scaling-down-after-secs=0",
+                "--drain-timeout-secs=600",
+            ],
+        )
+        .await
+    }
+
     async fn replica(namespace: &str, heartbeat_timeout_ms: u64) -> Self {
         Self::replica_with(namespace, heartbeat_timeout_ms, &[]).await
     }
@@ -957,24 +982,7 @@ async fn a_dry_run_autoscaler_decides_from_the_streams_and_changes_nothing() {
 #[tokio::test]
 async fn the_autoscaler_scales_a_statefulset_up_for_waiting_callers_and_down_from_the_top() {
     let api = fake_kubernetes::FakeApi::start(&[("statefulsets", "recognizer", 1)]).await;
-    let workload = format!("{MODEL}=statefulset/recognizer");
-    let h = Harness::start_with(
-        NO_TIMEOUT_MS,
-        &[
-            "--scaling-backend=kubernetes",
-            "--kubernetes-api-url",
-            &api.url,
-            "--kubernetes-namespace",
-            fake_kubernetes::NAMESPACE,
-            "--kubernetes-workload",
-            &workload,
-            "--scaling-target=0",
-            "--scaling-check-interval-ms=50",
-            "--scaling-down-after-secs=0",
-            "--drain-timeout-secs=600",
-        ],
-    )
-    .await;
+    let h = Harness::start_scaling_on(&api, "statefulset/recognizer").await;
     let wait_for = async |what: &str, check: &dyn Fn() -> bool| {
         let deadline = tokio::time::Instant::now() + WAIT;
         while !check() {
@@ -1045,24 +1053,7 @@ async fn the_autoscaler_has_a_deployment_remove_the_pods_it_drained() {
     const C: &str = "recognizer-7f9c4-ccccc";
     let api = fake_kubernetes::FakeApi::start(&[("deployments", "recognizer", 3)]).await;
     api.add_pods(&[A, B, C]);
-    let workload = format!("{MODEL}=deployment/recognizer");
-    let h = Harness::start_with(
-        NO_TIMEOUT_MS,
-        &[
-            "--scaling-backend=kubernetes",
-            "--kubernetes-api-url",
-            &api.url,
-            "--kubernetes-namespace",
-            fake_kubernetes::NAMESPACE,
-            "--kubernetes-workload",
-            &workload,
-            "--scaling-target=0",
-            "--scaling-min-workers=1",
-            "--scaling-check-interval-ms=50",
-            "--scaling-down-after-secs=0",
-        ],
-    )
-    .await;
+    let h = Harness::start_scaling_on(&api, "deployment/recognizer").await;
     let registry = h.registry().await;
     // Three replicas, no caller, one worker wanted: the two registered pods are
     // drained while the third still starts. A ReplicaSet removes a pod that is not
