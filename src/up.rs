@@ -3,10 +3,11 @@
 //! this one (the same binary), each restarted when it dies; Ctrl-C stops them all, and
 //! they stop by themselves if this supervisor is killed (see `shutdown`).
 //!
-//! With `--autoscale` the orchestrator decides how many recognizers run (its local
-//! backend): it keeps the worker ids it wants in Redis, and this supervisor keeps
-//! exactly those running. A recognizer the autoscaler retired exits by itself once
-//! drained, and is not restarted because its id is no longer wanted.
+//! The orchestrator decides how many recognizers run (its local scaling backend): it
+//! keeps the worker ids it wants in Redis, and this supervisor keeps exactly those
+//! running. A recognizer the autoscaler retired exits by itself once drained, and is
+//! not restarted because its id is no longer wanted. With `--fixed-recognizers`,
+//! exactly `--recognizers` run, whatever the load.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -31,18 +32,19 @@ use crate::shutdown::{self, SUPERVISOR_PID_ENV};
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
-    /// Number of recognizer worker processes (with --autoscale: at the first start;
-    /// after that the autoscaler's decisions, kept in Redis, count).
+    /// Number of recognizer worker processes at the first start; after that the
+    /// autoscaler's decisions, kept in Redis, count (unless --fixed-recognizers).
     #[arg(long, env = "ASR_RECOGNIZERS", default_value_t = 2)]
     recognizers: u16,
-    /// Let the orchestrator start and stop recognizers by its scaling policy (the
-    /// --scaling-* flags) instead of running a fixed number.
-    #[arg(long, env = "ASR_AUTOSCALE")]
-    autoscale: bool,
+    /// Run exactly --recognizers recognizers, each restarted when it dies, instead of
+    /// letting the orchestrator start and retire them by its scaling policy (the
+    /// --scaling-* flags).
+    #[arg(long, env = "ASR_FIXED_RECOGNIZERS")]
+    fixed_recognizers: bool,
     /// The model the recognizers serve.
     #[arg(long, env = "ASR_MODEL_NAME", default_value = "whisper-tiny.en")]
     model_name: String,
-    /// With --autoscale: how long a draining recognizer may keep its sessions before
+    /// How long a recognizer the autoscaler drains may keep its sessions before
     /// they move to others through the checkpoint handoff.
     #[arg(long, env = "ASR_DRAIN_TIMEOUT_SECS", default_value_t = 300)]
     drain_timeout_secs: u64,
@@ -104,7 +106,7 @@ impl UpArgs {
                     format!("--grpc-addr={}", shifted(self.grpc_addr, i)),
                     format!("--http-addr={}", shifted(self.orchestrator_http_addr, i)),
                 ];
-                if self.autoscale {
+                if !self.fixed_recognizers {
                     args.push("--scaling-backend=local".into());
                     args.push(format!("--drain-timeout-secs={}", self.drain_timeout_secs));
                     args.extend(self.scaling.to_args());
@@ -201,7 +203,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .into_iter()
             .map(|role| supervisor.spawn(role, Restart::Always)),
     );
-    if args.autoscale {
+    if !args.fixed_recognizers {
         let redis = args.shared.redis().await.context("connecting to Redis")?;
         // Reads, and the unfenced seeding: the fence matters to the leader only.
         let registry = Registry::new(redis, args.shared.namespace.clone(), Fence::default());
@@ -327,7 +329,7 @@ impl Supervisor {
     }
 }
 
-/// The recognizers of `asr up --autoscale`: keeps one supervised process per worker id
+/// The recognizers of an autoscaling `asr up`: keeps one supervised process per worker id
 /// the autoscaler wants, polling its set in Redis.
 struct Fleet {
     registry: Registry,

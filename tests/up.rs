@@ -483,6 +483,13 @@ impl Up {
     }
 }
 
+/// `asr up` as it runs by default (autoscaling), kept from scaling down while a test
+/// counts the recognizers it started: with no call, one idle worker is the target.
+const NO_SCALE_DOWN: [&str; 1] = ["--scaling-down-after-secs=3600"];
+
+/// A fixed number of recognizers: no autoscaler adds or retires any.
+const FIXED: [&str; 1] = ["--fixed-recognizers"];
+
 /// Runs `test` against a fresh `asr up` with `recognizers` workers and `extra` flags,
 /// holding the heavy-test lock, and cleans up after it, also when it fails.
 async fn with_up(recognizers: u16, extra: &[&str], test: impl AsyncFnOnce(&mut Up)) {
@@ -502,7 +509,7 @@ fn sigkill(p: &Proc) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_recognizer_is_replaced_by_a_fresh_process_every_time() {
-    with_up(2, &[], async |up| {
+    with_up(2, &NO_SCALE_DOWN, async |up| {
         let mut kids = up.wait_ready().await;
 
         let rounds: [&[&str]; 4] = [
@@ -608,7 +615,7 @@ async fn all_gone(procs: &[Proc], limit: Duration, log: &str) -> Duration {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn children_die_with_a_sigkilled_asr_up() {
-    with_up(2, &[], async |up| {
+    with_up(2, &NO_SCALE_DOWN, async |up| {
         let kids: Vec<Proc> = up.wait_ready().await.into_values().collect();
         up.child.kill().await.expect("SIGKILL asr up"); // and reap it
         let took = all_gone(&kids, Duration::from_secs(5), &up.log()).await;
@@ -622,7 +629,7 @@ async fn children_die_with_a_sigkilled_asr_up() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn children_die_with_a_sigkilled_asr_up_even_while_they_start() {
-    with_up(2, &[], async |up| {
+    with_up(2, &FIXED, async |up| {
         // As soon as both recognizers run, and long before their model is loaded.
         let roles = up.roles();
         up.wait_until(
@@ -651,7 +658,7 @@ async fn children_die_with_a_sigkilled_asr_up_even_while_they_start() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_every_child_and_asr_up_exits_zero() {
-    with_up(2, &[], async |up| {
+    with_up(2, &FIXED, async |up| {
         let kids: Vec<Proc> = up.wait_ready().await.into_values().collect();
         let sent = Instant::now();
         kill(Pid::from_raw(up.pid as i32), Signal::SIGTERM).expect("SIGTERM asr up");
@@ -677,10 +684,9 @@ async fn sigterm_stops_every_child_and_asr_up_exits_zero() {
     .await;
 }
 
-/// Flags that let the orchestrator scale `asr up`'s recognizers: the report's policy
-/// with no spare slot (a session each, so the burst alone decides), checked often.
-const AUTOSCALE: [&str; 6] = [
-    "--autoscale",
+/// Flags for `asr up`'s own autoscaling: the report's policy with no spare slot (a
+/// session each, so the burst alone decides), checked often.
+const AUTOSCALE: [&str; 5] = [
     "--scaling-policy=idle-target",
     "--scaling-target=0",
     "--scaling-min-workers=1",

@@ -46,7 +46,7 @@ pub struct OrchestratorArgs {
     #[arg(long, env = "ASR_ORCHESTRATOR_LEASE_MS", default_value_t = 500)]
     pub lease_ms: u64,
     /// Where scaling decisions take effect: `off` (no autoscaler), `dry-run` (log
-    /// them), `local` (`asr up --autoscale`'s processes), `kubernetes`.
+    /// them), `local` (`asr up`'s processes), `kubernetes`.
     #[arg(long, env = "ASR_SCALING_BACKEND", value_enum, default_value_t = BackendKind::Off)]
     pub scaling_backend: BackendKind,
     /// How long a draining worker may keep its sessions before they move to other

@@ -361,7 +361,7 @@ impl Registry {
     }
 
     /// The worker ids the local-process backend wants running for `model` (what
-    /// `asr up --autoscale` keeps running).
+    /// `asr up` keeps running).
     pub async fn local_workers(&self, model: &str) -> Result<Vec<String>, RegistryError> {
         let mut ids: Vec<String> = self
             .redis

@@ -3,7 +3,7 @@
 //! - [`Backend::DryRun`]: decisions are logged (and appended to the control stream as
 //!   `ScalingDecided`); no worker is started, drained or stopped.
 //! - [`Backend::Local`]: the worker ids to run live in a Redis set per model
-//!   ([`Registry::local_workers`]); `asr up --autoscale` keeps exactly those recognizer
+//!   ([`Registry::local_workers`]); `asr up` keeps exactly those recognizer
 //!   processes running. Starting a worker adds an id; retiring one removes its id
 //!   before the worker is told to stop, so its supervisor lets it go.
 //! - [`Backend::Kubernetes`]: the scale subresource of the model's StatefulSet or
@@ -31,7 +31,7 @@ pub enum BackendKind {
     Off,
     /// Decide and log, change nothing.
     DryRun,
-    /// Recognizer processes of `asr up --autoscale`.
+    /// Recognizer processes of `asr up`.
     Local,
     /// A StatefulSet or Deployment per model (`--kubernetes-workload`).
     Kubernetes,
