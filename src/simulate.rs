@@ -166,6 +166,10 @@ fn print_table(args: &SimulateArgs, trace: &Trace, runs: &[(ScalingArgs, Report)
     row(&format!("waits over {} ms", args.slo_ms), &|r| {
         r.slo_violations.to_string()
     });
+    row("drain handoffs", &|r| r.handoffs.to_string());
+    row("handoff pause max (ms)", &|r| {
+        r.handoff_pause_max.as_millis().to_string()
+    });
     row("worker-seconds", &|r| format!("{:.0}", r.worker_seconds));
     row("mean workers", &|r| format!("{:.2}", r.mean_workers));
     row("peak workers", &|r| r.peak_workers.to_string());
@@ -188,6 +192,7 @@ fn json_output(
             "min_workers": s.scaling_min_workers,
             "max_workers": s.scaling_max_workers,
             "down_after_secs": s.scaling_down_after_secs,
+            "drain_timeout_secs": s.drain_timeout_secs,
             "worker_startup_ms": s.worker_startup_ms,
             "scaling_target": s.scaling_target,
             "predictive_margin_sigmas": s.predictive_margin_sigmas,
@@ -200,6 +205,8 @@ fn json_output(
             "wait_p99_ms": r.wait_p99.as_millis(),
             "wait_max_ms": r.wait_max.as_millis(),
             "slo_violations": r.slo_violations,
+            "handoffs": r.handoffs,
+            "handoff_pause_max_ms": r.handoff_pause_max.as_millis(),
             "worker_seconds": r.worker_seconds,
             "mean_workers": r.mean_workers,
             "peak_workers": r.peak_workers,

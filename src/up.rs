@@ -44,10 +44,6 @@ pub struct UpArgs {
     /// The model the recognizers serve.
     #[arg(long, env = "ASR_MODEL_NAME", default_value = "whisper-tiny.en")]
     model_name: String,
-    /// How long a recognizer the autoscaler drains may keep its sessions before
-    /// they move to others through the checkpoint handoff.
-    #[arg(long, env = "ASR_DRAIN_TIMEOUT_SECS", default_value_t = 300)]
-    drain_timeout_secs: u64,
     #[command(flatten)]
     scaling: ScalingArgs,
     /// Number of orchestrator replicas (`orchestrator-1` …): one leads, the others take
@@ -108,7 +104,6 @@ impl UpArgs {
                 ];
                 if !self.fixed_recognizers {
                     args.push("--scaling-backend=local".into());
-                    args.push(format!("--drain-timeout-secs={}", self.drain_timeout_secs));
                     args.extend(self.scaling.to_args());
                 }
                 Role {

@@ -200,19 +200,21 @@ fn busy_worker_seconds(trace: &Trace, capacity: u32) -> f64 {
 
 fn print_per_seed(traces: &[(u64, Trace)], policies: &[&Runs]) {
     println!(
-        "| seed | policy | wait p50 (ms) | wait p99 (ms) | wait max (ms) | waits > SLO | worker-seconds | mean workers | peak workers |"
+        "| seed | policy | wait p50 (ms) | wait p99 (ms) | wait max (ms) | waits > SLO | drain handoffs (max pause ms) | worker-seconds | mean workers | peak workers |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (i, (seed, _)) in traces.iter().enumerate() {
         for runs in policies {
             let r = &runs.reports[i];
             println!(
-                "| {seed} | {} | {} | {} | {} | {} | {:.0} | {:.2} | {} |",
+                "| {seed} | {} | {} | {} | {} | {} | {} ({}) | {:.0} | {:.2} | {} |",
                 runs.label,
                 r.wait_p50.as_millis(),
                 r.wait_p99.as_millis(),
                 r.wait_max.as_millis(),
                 r.slo_violations,
+                r.handoffs,
+                r.handoff_pause_max.as_millis(),
                 r.worker_seconds,
                 r.mean_workers,
                 r.peak_workers

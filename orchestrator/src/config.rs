@@ -49,10 +49,6 @@ pub struct OrchestratorArgs {
     /// them), `local` (`asr up`'s processes), `kubernetes`.
     #[arg(long, env = "ASR_SCALING_BACKEND", value_enum, default_value_t = BackendKind::Off)]
     pub scaling_backend: BackendKind,
-    /// How long a draining worker may keep its sessions before they move to other
-    /// workers through the checkpoint handoff.
-    #[arg(long, env = "ASR_DRAIN_TIMEOUT_SECS", default_value_t = 300)]
-    pub drain_timeout_secs: u64,
     /// How far back a new leader reads the streams to rebuild the load projection.
     #[arg(long, env = "ASR_LOAD_WINDOW_SECS", default_value_t = 120)]
     pub load_window_secs: u64,

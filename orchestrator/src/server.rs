@@ -143,7 +143,7 @@ impl Orchestrator {
             window: Duration::from_secs(args.load_window_secs),
             // Two heartbeat timeouts: the monitor marks such a worker lost first.
             stale_after: args.heartbeat_timeout() * 2,
-            drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+            drain_timeout: args.scaling.drain_timeout(),
         });
         Ok(Self {
             autoscaler,

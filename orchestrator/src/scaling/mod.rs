@@ -149,6 +149,10 @@ pub struct ScalingArgs {
     /// How long a lower target must hold before workers are drained.
     #[arg(long, env = "ASR_SCALING_DOWN_AFTER_SECS", default_value_t = 60)]
     pub scaling_down_after_secs: u64,
+    /// How long a draining worker may keep its sessions before they move to other
+    /// workers through the checkpoint handoff.
+    #[arg(long, env = "ASR_DRAIN_TIMEOUT_SECS", default_value_t = 300)]
+    pub drain_timeout_secs: u64,
     /// How long a worker takes from being asked for to taking sessions: measured
     /// 1.04 s p50, 1.11 s p99 from process start to registered (`asr-bench startup`,
     /// docs/BENCHMARKS.md), plus up to 0.2 s for `asr up` to see the decision. The
@@ -180,6 +184,10 @@ impl ScalingArgs {
         Duration::from_millis(self.worker_startup_ms)
     }
 
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+
     pub fn bounds(&self) -> Bounds {
         Bounds {
             min_workers: self.scaling_min_workers,
@@ -207,6 +215,7 @@ impl ScalingArgs {
             format!("--scaling-min-workers={}", self.scaling_min_workers),
             format!("--scaling-max-workers={}", self.scaling_max_workers),
             format!("--scaling-down-after-secs={}", self.scaling_down_after_secs),
+            format!("--drain-timeout-secs={}", self.drain_timeout_secs),
             format!("--worker-startup-ms={}", self.worker_startup_ms),
             format!(
                 "--predictive-margin-sigmas={}",
@@ -315,6 +324,7 @@ mod tests {
             scaling_min_workers: 2,
             scaling_max_workers: 6,
             scaling_down_after_secs: 30,
+            drain_timeout_secs: 300,
             worker_startup_ms: 2500,
             predictive_margin_sigmas: 2.0,
             predictive_min_spare: 1,

@@ -12,11 +12,16 @@
 //! - scaling: every check interval, [`Scaler::decide`] on a [`LoadProjection`] of the
 //!   simulated state, then [`reconcile`] to start workers (ready after the start-up
 //!   delay), bring draining ones back and drain (a draining worker stops when its last
-//!   call ends, an idle one at once).
+//!   call ends, an idle one at once);
+//! - the drain timeout: a worker still draining after `--drain-timeout-secs` stops,
+//!   and its calls go back to the head of the queue with the time they have left, as
+//!   the autoscaler's handoff does; the time such a call waits for its next worker is
+//!   a handoff pause (the caller's words are transcribed late, none is lost).
 //!
 //! Events at the same instant are taken in this order: calls ending, workers becoming
-//! ready, arrivals, the check; capacity is freed before it is claimed, and a check sees
-//! every arrival of its instant.
+//! ready, drain timeouts, arrivals, the check; capacity is freed before it is claimed,
+//! and a check sees every arrival of its instant. Leader changes are not simulated: a
+//! new leader's policy starts with an empty arrival history (a cold start).
 //!
 //! A worker costs from the moment it is asked for (booting is paid for) until it stops
 //! or the simulation ends: at the end of the trace, or when its last call ends if that
@@ -54,12 +59,13 @@ impl std::fmt::Display for SimulationSetup {
         write!(
             f,
             "worker start-up {} ms, check every {} ms, {}..{} workers, scale down after {} s, \
-             capacity {}, SLO {} ms",
+             drain timeout {} s, capacity {}, SLO {} ms",
             s.worker_startup_ms,
             s.scaling_check_interval_ms,
             s.scaling_min_workers,
             s.scaling_max_workers,
             s.scaling_down_after_secs,
+            s.drain_timeout_secs,
             self.capacity_per_worker,
             self.slo.as_millis()
         )
@@ -75,6 +81,10 @@ pub struct Report {
     pub wait_max: Duration,
     /// Sessions that waited longer than the SLO.
     pub slo_violations: usize,
+    /// Calls moved off a worker whose drain timed out.
+    pub handoffs: usize,
+    /// The longest a handed-off call waited for its next worker.
+    pub handoff_pause_max: Duration,
     /// Paid worker time, start-up included.
     pub worker_seconds: f64,
     /// The most workers (starting, ready or draining) at once.
@@ -191,19 +201,52 @@ struct Worker {
     assigned: u32,
     asked: Duration,
     stopped: Option<Duration>,
+    /// Since when it drains (its drain timeout counts from there).
+    draining_since: Option<Duration>,
 }
 
-/// Timed events; at the same instant, calls end before workers become ready.
+/// Timed events; at the same instant, calls end before workers become ready, and both
+/// before a drain times out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
-    CallEnd { worker: usize },
-    WorkerReady { worker: usize },
+    /// The call ends, if it is still on that worker (not handed off).
+    CallEnd {
+        call: usize,
+        worker: usize,
+    },
+    WorkerReady {
+        worker: usize,
+    },
+    /// The worker's drain that began at `since` times out, if it still drains.
+    DrainTimeout {
+        worker: usize,
+        since: Duration,
+    },
+}
+
+/// Where a call is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CallState {
+    /// Not arrived, or waiting for its first worker.
+    Unserved,
+    /// On `worker` until `ends`.
+    On {
+        worker: usize,
+        ends: Duration,
+    },
+    /// Handed off at `since`, with `left` of the call still to serve.
+    HandedOff {
+        since: Duration,
+        left: Duration,
+    },
+    Done,
 }
 
 struct Simulator<'a> {
     calls: &'a [Call],
     capacity: u32,
     startup: Duration,
+    drain_timeout: Duration,
     /// Every worker ever asked for, by index.
     workers: Vec<Worker>,
     /// The workers not stopped, oldest first.
@@ -216,6 +259,9 @@ struct Simulator<'a> {
     active: u32,
     /// Each call's wait, once it has a worker.
     waits: Vec<Option<Duration>>,
+    states: Vec<CallState>,
+    /// How long each handed-off call waited for its next worker.
+    handoff_pauses: Vec<Duration>,
     last_call_end: Duration,
     peak_workers: u32,
 }
@@ -226,6 +272,7 @@ impl<'a> Simulator<'a> {
             calls,
             capacity: setup.capacity_per_worker,
             startup: setup.scaling.worker_startup(),
+            drain_timeout: setup.scaling.drain_timeout(),
             workers: Vec::new(),
             live: Vec::new(),
             queue: VecDeque::new(),
@@ -233,6 +280,8 @@ impl<'a> Simulator<'a> {
             arrived: 0,
             active: 0,
             waits: vec![None; calls.len()],
+            states: vec![CallState::Unserved; calls.len()],
+            handoff_pauses: Vec::new(),
             last_call_end: Duration::ZERO,
             peak_workers: 0,
         }
@@ -244,7 +293,11 @@ impl<'a> Simulator<'a> {
 
     fn handle(&mut self, now: Duration, event: Event) {
         match event {
-            Event::CallEnd { worker } => {
+            Event::CallEnd { call, worker } => {
+                if self.states[call] != (CallState::On { worker, ends: now }) {
+                    return; // handed off: it ends elsewhere
+                }
+                self.states[call] = CallState::Done;
                 self.active -= 1;
                 self.last_call_end = now;
                 let w = &mut self.workers[worker];
@@ -259,7 +312,37 @@ impl<'a> Simulator<'a> {
                 self.workers[worker].phase = Phase::Serving;
                 self.serve_queue(now);
             }
+            Event::DrainTimeout { worker, since } => {
+                let w = &self.workers[worker];
+                if w.phase == Phase::Draining && w.draining_since == Some(since) {
+                    self.hand_off(now, worker);
+                }
+            }
         }
+    }
+
+    /// Stops a worker whose drain timed out; its calls go to the head of the queue,
+    /// in arrival order, as the service requeues a retired worker's sessions.
+    fn hand_off(&mut self, now: Duration, worker: usize) {
+        let moving: Vec<usize> = (0..self.calls.len())
+            .filter(
+                |&call| matches!(self.states[call], CallState::On { worker: w, .. } if w == worker),
+            )
+            .collect();
+        for &call in moving.iter().rev() {
+            let CallState::On { ends, .. } = self.states[call] else {
+                unreachable!("filtered on it")
+            };
+            self.states[call] = CallState::HandedOff {
+                since: now,
+                left: ends - now,
+            };
+            self.queue.push_front(call);
+            self.active -= 1;
+        }
+        self.workers[worker].assigned = 0;
+        self.stop(now, worker);
+        self.serve_queue(now);
     }
 
     /// Assigns the oldest waiting calls to free slots, as the service does.
@@ -295,10 +378,20 @@ impl<'a> Simulator<'a> {
             let worker = index_of(&worker);
             self.workers[worker].assigned += 1;
             self.active += 1;
-            let call_at = self.calls[call];
-            self.waits[call] = Some(now - call_at.arrival);
+            let ends = match self.states[call] {
+                CallState::HandedOff { since, left } => {
+                    self.handoff_pauses.push(now - since);
+                    now + left
+                }
+                _ => {
+                    let call_at = self.calls[call];
+                    self.waits[call] = Some(now - call_at.arrival);
+                    now + call_at.duration
+                }
+            };
+            self.states[call] = CallState::On { worker, ends };
             self.events
-                .push(Reverse((now + call_at.duration, Event::CallEnd { worker })));
+                .push(Reverse((ends, Event::CallEnd { call, worker })));
         }
     }
 
@@ -352,12 +445,19 @@ impl<'a> Simulator<'a> {
             if self.workers[worker].assigned == 0 {
                 self.stop(now, worker);
             } else {
-                self.workers[worker].phase = Phase::Draining;
+                let w = &mut self.workers[worker];
+                w.phase = Phase::Draining;
+                w.draining_since = Some(now);
+                self.events.push(Reverse((
+                    now + self.drain_timeout,
+                    Event::DrainTimeout { worker, since: now },
+                )));
             }
         }
         for id in &plan.undrain {
-            let worker = index_of(id);
-            self.workers[worker].phase = Phase::Serving;
+            let w = &mut self.workers[index_of(id)];
+            w.phase = Phase::Serving;
+            w.draining_since = None;
         }
         for _ in 0..plan.start {
             let worker = self.ask_for_worker(now);
@@ -378,6 +478,7 @@ impl<'a> Simulator<'a> {
             assigned: 0,
             asked: now,
             stopped: None,
+            draining_since: None,
         });
         self.live.push(index);
         self.peak_workers = self.peak_workers.max(self.live.len() as u32);
@@ -417,6 +518,13 @@ impl<'a> Simulator<'a> {
             wait_p99: percentile(&sorted, 0.99),
             wait_max: sorted.last().copied().unwrap_or_default(),
             slo_violations: sorted.iter().filter(|&&w| w > slo).count(),
+            handoffs: self.handoff_pauses.len(),
+            handoff_pause_max: self
+                .handoff_pauses
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or_default(),
             worker_seconds,
             peak_workers: self.peak_workers,
             mean_workers: if end.is_zero() {
@@ -448,6 +556,7 @@ mod tests {
             scaling_min_workers: min_workers,
             scaling_max_workers: 8,
             scaling_down_after_secs: 5,
+            drain_timeout_secs: 300,
             worker_startup_ms: 2500,
             predictive_margin_sigmas: 2.0,
             predictive_min_spare: 1,
@@ -560,6 +669,50 @@ mod tests {
         assert_eq!(report.worker_seconds, 152.5);
         assert_eq!(report.peak_workers, 2);
         assert_eq!(report.mean_workers, 1.525);
+        assert_eq!(report.simulated, 100 * S);
+    }
+
+    #[test]
+    fn a_drain_that_times_out_hands_the_call_to_a_free_slot() {
+        // sim-1 drains from 9 s holding C; at 29 s its drain times out: C moves to
+        // sim-0's free slot at once with its 23.5 s left, and sim-1 stops.
+        let trace = Trace::new(drain_scenario(), Duration::ZERO);
+        let scaling = ScalingArgs {
+            drain_timeout_secs: 20,
+            ..args(1, 0)
+        };
+        let report = simulate(&trace, &setup(scaling, 2)).unwrap();
+        assert_eq!(report.waits, [Duration::ZERO, Duration::ZERO, 2500 * MS]);
+        let stopped: Vec<Duration> = report.workers.iter().map(|w| w.stopped).collect();
+        assert_eq!(stopped, [100 * S, 29 * S]);
+        assert_eq!(report.worker_seconds, 129.0);
+        assert_eq!(
+            (report.handoffs, report.handoff_pause_max),
+            (1, Duration::ZERO)
+        );
+        assert_eq!(report.simulated, 100 * S);
+    }
+
+    #[test]
+    fn a_handed_off_call_with_no_free_slot_waits_for_a_new_worker() {
+        // As above, but D takes sim-0's free slot at 28.9 s: at 29 s C is handed off
+        // with nowhere to go, the check starts sim-2, and C resumes on it at 31.5 s
+        // (a 2.5 s pause), ending at 55 s instead of 52.5 s.
+        let mut calls = drain_scenario();
+        calls.push(call(28_900 * MS, 60 * S));
+        let trace = Trace::new(calls, Duration::ZERO);
+        let scaling = ScalingArgs {
+            drain_timeout_secs: 20,
+            ..args(1, 0)
+        };
+        let report = simulate(&trace, &setup(scaling, 2)).unwrap();
+        assert_eq!(report.waits[3], Duration::ZERO);
+        assert_eq!((report.handoffs, report.handoff_pause_max), (1, 2500 * MS));
+        assert_eq!(report.workers.len(), 3);
+        assert_eq!(report.workers[1].stopped, 29 * S);
+        assert_eq!(report.workers[2].asked, 29 * S);
+        // sim-2 serves C to 55 s, then idles until the check after the cool-down.
+        assert!(report.workers[2].stopped >= 55 * S);
         assert_eq!(report.simulated, 100 * S);
     }
 
