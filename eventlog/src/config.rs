@@ -46,8 +46,8 @@ pub struct SharedArgs {
     /// Stream retention by size, per stream, in megabytes.
     #[arg(long, env = "ASR_RETENTION_MB", default_value_t = 20_000)]
     pub retention_mb: u64,
-    /// Stream segment size in megabytes (retention drops whole segments; keep
-    /// `--retention-mb` at least twice this).
+    /// Stream segment size in megabytes (retention drops whole segments;
+    /// `--retention-mb` must be at least twice this).
     #[arg(long, env = "ASR_SEGMENT_MB", default_value_t = 100)]
     pub segment_mb: u64,
 }

@@ -39,6 +39,8 @@ pub enum LogError {
     },
     #[error("creating stream {stream}: {message}")]
     CreateStream { stream: String, message: String },
+    #[error(transparent)]
+    Retention(#[from] RetentionError),
     #[error("opening a producer on {stream}: {message}")]
     Producer { stream: String, message: String },
     #[error("opening a consumer on {stream}: {message}")]
@@ -71,6 +73,34 @@ pub struct Retention {
     pub max_age: Duration,
     pub max_bytes: u64,
     pub segment_bytes: u64,
+}
+
+/// A retention the broker cannot keep safely.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "a retention of {max_bytes} bytes per stream is less than two segments of {segment_bytes} bytes: \
+     right after a segment rolls the broker could drop every event of a stream; \
+     raise --retention-mb or lower --segment-mb"
+)]
+pub struct RetentionError {
+    pub max_bytes: u64,
+    pub segment_bytes: u64,
+}
+
+impl Retention {
+    /// Refuses a size limit under two segments. The broker keeps, besides the segment
+    /// being written (empty just after a roll), only whole segments within the limit:
+    /// with room for less than one, a stream can briefly hold no event at all, and
+    /// events not yet archived by the projector are gone.
+    pub fn check(&self) -> Result<(), RetentionError> {
+        if self.max_bytes < self.segment_bytes.saturating_mul(2) {
+            return Err(RetentionError {
+                max_bytes: self.max_bytes,
+                segment_bytes: self.segment_bytes,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for Retention {
@@ -166,9 +196,11 @@ impl StreamLog {
         })
     }
 
-    /// Creates the streams that do not exist yet, with the configured retention.
-    /// Existing streams keep the retention they were created with.
+    /// Creates the streams that do not exist yet, with the configured retention (a
+    /// retention under two segments is refused). Existing streams keep the retention
+    /// they were created with.
     pub async fn ensure_streams(&self, streams: &[String]) -> Result<(), LogError> {
+        self.retention.check()?;
         let creates = streams.iter().map(|stream| async move {
             let result = self
                 .env
@@ -532,6 +564,42 @@ impl Drop for Reader {
             runtime.spawn(async move {
                 let _ = consumer.handle().close().await;
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retention(max_mb: u64, segment_mb: u64) -> Retention {
+        Retention {
+            max_bytes: max_mb * 1_000_000,
+            segment_bytes: segment_mb * 1_000_000,
+            ..Retention::default()
+        }
+    }
+
+    #[test]
+    fn a_retention_of_two_segments_or_more_is_kept() {
+        assert_eq!(Retention::default().check(), Ok(()));
+        assert_eq!(retention(2, 1).check(), Ok(()));
+        assert_eq!(retention(200, 100).check(), Ok(()));
+    }
+
+    #[test]
+    fn a_retention_under_two_segments_is_refused_saying_what_to_change() {
+        for (max_mb, segment_mb) in [(1, 1), (150, 100), (0, 1)] {
+            let error = retention(max_mb, segment_mb).check().unwrap_err();
+            assert_eq!(
+                error,
+                RetentionError {
+                    max_bytes: max_mb * 1_000_000,
+                    segment_bytes: segment_mb * 1_000_000,
+                }
+            );
+            let message = error.to_string();
+            assert!(message.contains("--retention-mb"), "{message}");
         }
     }
 }
