@@ -211,6 +211,8 @@ struct Up {
     pid: u32,
     namespace: String,
     ingest_port: u16,
+    /// The first orchestrator replica's `/metrics` port; the next one's is + 1.
+    orchestrator_http_port: u16,
     recognizer_base_port: u16,
     recognizers: u16,
     log: PathBuf,
@@ -259,6 +261,7 @@ impl Up {
             pid,
             namespace,
             ingest_port,
+            orchestrator_http_port: http_port,
             recognizer_base_port,
             recognizers,
             log,
@@ -288,6 +291,25 @@ impl Up {
     fn ops_port(&self, worker: &str) -> u16 {
         let i: u16 = worker["recognizer-".len()..].parse().unwrap();
         self.recognizer_base_port + i - 1
+    }
+
+    /// A counter summed over the orchestrator replicas' `/metrics` (only the leader's
+    /// moves), 0 where it is not exported yet.
+    async fn orchestrator_counter(&self, series: &str) -> f64 {
+        let mut total = 0.0;
+        for port in (0..ORCHESTRATORS).map(|i| self.orchestrator_http_port + i) {
+            let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await
+            else {
+                continue;
+            };
+            let body = response.text().await.unwrap_or_default();
+            total += body
+                .lines()
+                .filter_map(|line| line.strip_prefix(series))
+                .filter_map(|value| value.trim().parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        total
     }
 
     fn ws_url(&self) -> String {
@@ -868,6 +890,10 @@ async fn draining_a_worker_hands_its_live_session_off_without_losing_a_word() {
             up.log().contains("moved=1"),
             "its live session was handed off"
         );
+        let handoffs = up
+            .orchestrator_counter(r#"orchestrator_scaling_handoffs_total{model="whisper-tiny.en"}"#)
+            .await;
+        assert_eq!(handoffs, 1.0, "the handoff is counted");
     })
     .await;
 }

@@ -245,6 +245,7 @@ impl Autoscaler {
                 term.drained_here.remove(&worker.id);
                 info!(model, worker = %worker.id, moved, timed_out, "worker retired");
                 telemetry::scaling_action(model, "retire");
+                telemetry::drain_handoffs(model, moved);
             }
         }
         Ok(())

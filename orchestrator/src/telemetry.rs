@@ -19,6 +19,7 @@ const LOAD_RTF: &str = "orchestrator_load_real_time_factor";
 const LOAD_WORKERS: &str = "orchestrator_load_workers";
 const DESIRED_WORKERS: &str = "orchestrator_scaling_desired_workers";
 const SCALING_ACTIONS: &str = "orchestrator_scaling_actions_total";
+const SCALING_HANDOFFS: &str = "orchestrator_scaling_handoffs_total";
 
 /// This replica began leading the term with fencing token `token`, or (0) stopped.
 pub fn term(token: u64) {
@@ -96,4 +97,11 @@ pub fn scaling_action(model: &str, action: &'static str) {
 pub fn scaling_action_n(model: &str, action: &'static str, n: u32) {
     metrics::counter!(SCALING_ACTIONS, "model" => model.to_string(), "action" => action)
         .increment(u64::from(n));
+}
+
+/// Sessions a retired worker still served (its drain timed out), moved to others
+/// through the checkpoint handoff.
+pub fn drain_handoffs(model: &str, sessions: u32) {
+    metrics::counter!(SCALING_HANDOFFS, "model" => model.to_string())
+        .increment(u64::from(sessions));
 }
