@@ -131,11 +131,8 @@ fn a_generated_trace_runs_through_both_policies_side_by_side() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[test]
-fn a_file_that_is_no_trace_is_refused_with_where() {
-    let dir = scratch();
-    let trace = dir.join("bad.csv");
-    std::fs::write(&trace, "arrival_ms,duration_ms\n0,1000\nsoon,1000\n").unwrap();
+/// What `asr simulate` says on stderr when it refuses `trace`.
+fn refusal(trace: &Path) -> String {
     let run = asr(&[
         "simulate",
         "--trace",
@@ -143,21 +140,20 @@ fn a_file_that_is_no_trace_is_refused_with_where() {
         "--policy",
         "idle-target",
     ]);
-    assert!(!run.status.success());
-    let error = text(&run.stderr);
+    assert!(!run.status.success(), "{}", text(&run.stdout));
+    text(&run.stderr)
+}
+
+#[test]
+fn a_file_that_is_no_trace_is_refused_with_where() {
+    let dir = scratch();
+    let trace = dir.join("bad.csv");
+    std::fs::write(&trace, "arrival_ms,duration_ms\n0,1000\nsoon,1000\n").unwrap();
+    let error = refusal(&trace);
     assert!(error.contains("bad.csv"), "{error}");
     assert!(error.contains("line 3"), "{error}");
 
-    let missing = dir.join("missing.csv");
-    let run = asr(&[
-        "simulate",
-        "--trace",
-        missing.to_str().unwrap(),
-        "--policy",
-        "predictive",
-    ]);
-    assert!(!run.status.success());
-    let error = text(&run.stderr);
+    let error = refusal(&dir.join("missing.csv"));
     assert!(error.contains("missing.csv"), "{error}");
     std::fs::remove_dir_all(dir).unwrap();
 }
