@@ -47,6 +47,23 @@ fn write_trace(out: &Path) -> usize {
     lines.count()
 }
 
+/// `asr simulate` of both policies on `trace`, with `extra` flags: its stdout.
+fn simulate_both(trace: &Path, extra: &[&str]) -> Vec<u8> {
+    let mut args = vec![
+        "simulate",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--policy",
+        "idle-target",
+        "--policy",
+        "predictive",
+    ];
+    args.extend_from_slice(extra);
+    let run = asr(&args);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    run.stdout
+}
+
 #[test]
 fn a_generated_trace_runs_through_both_policies_side_by_side() {
     let dir = scratch();
@@ -55,14 +72,7 @@ fn a_generated_trace_runs_through_both_policies_side_by_side() {
     assert!(calls > 3_000, "{calls} calls in four busy hours");
 
     let simulate = |drain_timeout: &str| -> Value {
-        let run = asr(&[
-            "simulate",
-            "--trace",
-            trace.to_str().unwrap(),
-            "--policy",
-            "idle-target",
-            "--policy",
-            "predictive",
+        let flags = [
             "--capacity",
             "4",
             "--scaling-max-workers",
@@ -70,9 +80,8 @@ fn a_generated_trace_runs_through_both_policies_side_by_side() {
             "--drain-timeout-secs",
             drain_timeout,
             "--json",
-        ]);
-        assert!(run.status.success(), "{}", text(&run.stderr));
-        serde_json::from_slice(&run.stdout).expect("JSON on stdout")
+        ];
+        serde_json::from_slice(&simulate_both(&trace, &flags)).expect("JSON on stdout")
     };
     let report = simulate("60");
     assert_eq!(report["calls"], calls);
@@ -105,17 +114,7 @@ fn a_generated_trace_runs_through_both_policies_side_by_side() {
     }
 
     // The table an operator reads names both policies and the handoffs.
-    let table = asr(&[
-        "simulate",
-        "--trace",
-        trace.to_str().unwrap(),
-        "--policy",
-        "idle-target",
-        "--policy",
-        "predictive",
-    ]);
-    assert!(table.status.success(), "{}", text(&table.stderr));
-    let table = text(&table.stdout);
+    let table = text(&simulate_both(&trace, &[]));
     for expected in [
         "idle-target",
         "predictive",
