@@ -781,20 +781,28 @@ async fn autoscale_starts_recognizers_for_a_burst_and_retires_them_when_idle() {
 
         // Idle again: after the 3 s cool-down two workers (idle ones: whichever
         // finished first) are drained and retired, and their processes exit for good.
+        // Their supervisors log it just after reaping them: wait for that too.
+        let retired = |up: &Up| {
+            up.log()
+                .matches("retired by the autoscaler; not restarted")
+                .count()
+        };
         let took = up
             .wait_until(
                 "the extra recognizers are retired",
                 Duration::from_secs(30),
-                async |up| up.recognizers().len() == 1 && up.wanted() == up.recognizers(),
+                async |up| {
+                    up.recognizers().len() == 1
+                        && up.wanted() == up.recognizers()
+                        && retired(up) >= 2
+                },
             )
             .await;
         let kept = up.recognizers();
         println!("back to {kept:?} {took:.2?} after the burst");
         assert_eq!(up.registered(), kept);
         assert_eq!(
-            up.log()
-                .matches("retired by the autoscaler; not restarted")
-                .count(),
+            retired(up),
             2,
             "both retired processes exited and stayed down"
         );
