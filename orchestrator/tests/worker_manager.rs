@@ -15,9 +15,9 @@ use eventlog::{Envelope, Event, SessionId};
 use orchestrator::api::allocate_worker_response::Outcome;
 use orchestrator::api::worker_manager_client::WorkerManagerClient;
 use orchestrator::api::{
-    AllocateWorkerRequest, Allocation, Assign, DrainWorkerRequest, Queued, RegisterWorkerRequest,
-    ReleaseWorkerRequest, Revoke, SendHeartbeatRequest, SessionProgress, WorkerCommand,
-    worker_command::Command,
+    AllocateWorkerRequest, Allocation, Assign, DrainWorkerRequest, DrainWorkerResponse, Queued,
+    RegisterWorkerRequest, ReleaseWorkerRequest, Revoke, SendHeartbeatRequest, SessionProgress,
+    WorkerCommand, worker_command::Command,
 };
 use orchestrator::discovery::LeaderClient;
 use orchestrator::registry::{Fence, Registry, RegistryError, WorkerRecord};
@@ -164,6 +164,18 @@ impl Harness {
             self.args.shared.namespace.clone(),
             Fence::default(),
         )
+    }
+
+    /// `DrainWorker` as `asr workers drain` sends it.
+    async fn drain(&self, worker: &str) -> DrainWorkerResponse {
+        self.client()
+            .await
+            .drain_worker(DrainWorkerRequest {
+                worker_id: worker.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
     }
 
     async fn client(&self) -> WorkerManagerClient<Channel> {
@@ -883,15 +895,7 @@ async fn a_draining_worker_gets_no_new_sessions() {
     let h = Harness::start(NO_TIMEOUT_MS).await;
     let mut a = h.register("w-a", 1).await;
     let mut b = h.register("w-b", 1).await;
-    let drained = h
-        .client()
-        .await
-        .drain_worker(DrainWorkerRequest {
-            worker_id: "w-a".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let drained = h.drain("w-a").await;
     assert!(drained.found);
     assert_eq!(drained.sessions, 0);
     let s = sessions(2);
@@ -900,15 +904,7 @@ async fn a_draining_worker_gets_no_new_sessions() {
     assert_eq!(b.assign().await.session_id, s[0].to_string());
     assert_eq!(position(&h.allocate(s[1]).await), 1);
     a.quiet().await;
-    let unknown = h
-        .client()
-        .await
-        .drain_worker(DrainWorkerRequest {
-            worker_id: "nobody".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let unknown = h.drain("nobody").await;
     assert!(!unknown.found);
     let events = h.control_events(3).await;
     assert_eq!(

@@ -175,6 +175,28 @@ pub struct ScalingArgs {
     pub predictive_long_window_secs: u64,
 }
 
+/// Fixed settings for the policy and simulator tests: idle-target 1, checks every
+/// 500 ms, 1..8 workers, scale-down after 5 s, drain timeout 300 s, start-up 2.5 s,
+/// predictive margin 2 sigmas with one spare, rate windows 10 s and 300 s. Tests
+/// change what they are about.
+#[cfg(test)]
+pub(crate) fn test_args() -> ScalingArgs {
+    ScalingArgs {
+        scaling_policy: PolicyKind::IdleTarget,
+        scaling_target: 1,
+        scaling_check_interval_ms: 500,
+        scaling_min_workers: 1,
+        scaling_max_workers: 8,
+        scaling_down_after_secs: 5,
+        drain_timeout_secs: 300,
+        worker_startup_ms: 2500,
+        predictive_margin_sigmas: 2.0,
+        predictive_min_spare: 1,
+        predictive_short_window_secs: 10,
+        predictive_long_window_secs: 300,
+    }
+}
+
 impl ScalingArgs {
     pub fn check_interval(&self) -> Duration {
         Duration::from_millis(self.scaling_check_interval_ms.max(10))
@@ -319,17 +341,10 @@ mod tests {
     fn the_predictive_policy_is_bounded_too() {
         let args = ScalingArgs {
             scaling_policy: PolicyKind::Predictive,
-            scaling_target: 1,
-            scaling_check_interval_ms: 500,
             scaling_min_workers: 2,
             scaling_max_workers: 6,
             scaling_down_after_secs: 30,
-            drain_timeout_secs: 300,
-            worker_startup_ms: 2500,
-            predictive_margin_sigmas: 2.0,
-            predictive_min_spare: 1,
-            predictive_short_window_secs: 10,
-            predictive_long_window_secs: 300,
+            ..test_args()
         };
         let mut s = args.scaler();
         let quiet = LoadProjection {

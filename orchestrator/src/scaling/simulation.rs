@@ -543,25 +543,16 @@ impl<'a> Simulator<'a> {
 mod tests {
     use super::*;
     use crate::scaling::trace::{TraceParams, generate};
-    use crate::scaling::{Bounds, PolicyKind};
+    use crate::scaling::{Bounds, PolicyKind, test_args};
 
     const S: Duration = Duration::from_secs(1);
     const MS: Duration = Duration::from_millis(1);
 
     fn args(min_workers: u32, idle_target: u32) -> ScalingArgs {
         ScalingArgs {
-            scaling_policy: PolicyKind::IdleTarget,
             scaling_target: idle_target,
-            scaling_check_interval_ms: 500,
             scaling_min_workers: min_workers,
-            scaling_max_workers: 8,
-            scaling_down_after_secs: 5,
-            drain_timeout_secs: 300,
-            worker_startup_ms: 2500,
-            predictive_margin_sigmas: 2.0,
-            predictive_min_spare: 1,
-            predictive_short_window_secs: 10,
-            predictive_long_window_secs: 300,
+            ..test_args()
         }
     }
 
