@@ -57,15 +57,18 @@ impl Harness {
         Self::start_with(heartbeat_timeout_ms, &[]).await
     }
 
-    /// [`Self::start`] with `extra` flags.
+    /// [`Self::start`] with `extra` flags. The lease is 3 s, not 500 ms: a dozen
+    /// orchestrators of parallel tests on two cores once missed a renewal, and these
+    /// tests are about a leader, not about changing it.
     async fn start_with(heartbeat_timeout_ms: u64, extra: &[&str]) -> Self {
         let namespace = format!("t-{}", Uuid::new_v4());
-        let harness = Self::replica_with(&namespace, heartbeat_timeout_ms, extra).await;
+        let mut flags = vec!["--lease-ms=3000"];
+        flags.extend_from_slice(extra);
+        let harness = Self::replica_with(&namespace, heartbeat_timeout_ms, &flags).await;
         harness.wait_until_leading().await;
         harness
     }
 
-    /// An orchestrator replica of `namespace`, leading or not.
     /// With an autoscaler acting on `workload` (`KIND/NAME`) through the fake API
     /// server: one worker per caller (at least one), checked every 50 ms, scaled down
     /// at once, drains never timing out.
@@ -91,6 +94,7 @@ impl Harness {
         .await
     }
 
+    /// An orchestrator replica of `namespace`, leading or not.
     async fn replica(namespace: &str, heartbeat_timeout_ms: u64) -> Self {
         Self::replica_with(namespace, heartbeat_timeout_ms, &[]).await
     }
